@@ -1,0 +1,6 @@
+"""Triton attention kernels and their plain-PyTorch reference. Knows nothing of transformers."""
+
+from .flash import flash_attention
+from .reference import attention_reference
+
+__all__ = ["flash_attention", "attention_reference"]

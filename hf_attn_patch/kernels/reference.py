@@ -1,0 +1,83 @@
+"""Plain PyTorch attention: the single source of truth for what every kernel computes.
+
+Semantics (DESIGN.md, "The one attention call"):
+
+* q: (B, Hq, Nq, D), k and v: (B, Hkv, Nk, D), Hq % Hkv == 0; query head h reads KV head
+  h // (Hq // Hkv).
+* Query row i stands at key position pos(i) = Nk - Nq + i (bottom-right alignment).
+* causal: key j is visible to query i when j <= pos(i).
+* window: an int W keeps the W most recent keys including the query's own
+  (0 <= pos(i) - j < W); a tuple (left, right) keeps -right <= pos(i) - j <= left.
+* key_padding_mask: (B, Nk), true/1 where the key is a real token.
+* alibi_slopes: (Hq,) adds slope_h * (j - pos(i)) to the scores.
+* A row that sees no key returns zeros. The softmax runs in float32 (float64 for float64 inputs).
+
+It is slow and memory-hungry (it builds the full score matrix) and is meant for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: int | tuple[int, int] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention as DESIGN.md defines it; differentiable, returns q's dtype."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = head_dim**-0.5 if scale is None else scale
+
+    group = q_heads // kv_heads
+    k = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    v = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(compute_dtype), k) * scale
+
+    # distance[i, j] = pos(i) - j
+    query_pos = torch.arange(q_len, device=q.device) + (k_len - q_len)
+    key_pos = torch.arange(k_len, device=q.device)
+    distance = query_pos[:, None] - key_pos[None, :]
+
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.to(compute_dtype)[None, :, None, None] * distance
+
+    visible = visibility(distance, causal=causal, window=window)[None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.bool()[:, None, None, :]
+    visible = visible.expand(batch, q_heads, q_len, k_len)
+
+    row_sees_something = visible.any(dim=-1, keepdim=True)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    # Rows that see nothing: give softmax finite scores, then zero the result (no NaN, no NaN grad).
+    scores = torch.where(row_sees_something, scores, torch.zeros_like(scores))
+    probs = torch.softmax(scores, dim=-1) * row_sees_something
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v).to(q.dtype)
+
+
+def visibility(
+    distance: torch.Tensor, *, causal: bool, window: int | tuple[int, int] | None
+) -> torch.Tensor:
+    """Boolean (Nq, Nk) mask of visible pairs, from distance = pos(i) - j."""
+    visible = torch.ones_like(distance, dtype=torch.bool)
+    if causal:
+        visible &= distance >= 0
+    if window is not None:
+        left, right = window_bounds(window)
+        visible &= (distance <= left) & (distance >= -right)
+    return visible
+
+
+def window_bounds(window: int | tuple[int, int]) -> tuple[int, int]:
+    """(left, right) reach of a window: an int W means the W most recent keys, (W - 1, 0)."""
+    if isinstance(window, tuple):
+        return window
+    return window - 1, 0
