@@ -1,0 +1,28 @@
+"""Test set-up shared by the whole suite.
+
+Tests marked `gpu` need CUDA; on a CPU machine they are reported as skipped with the reason
+(pytest -ra prints each), never silently dropped. Everything else runs the real Triton kernels,
+on the CPU through Triton's interpreter (./run sets TRITON_INTERPRET=1 there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
