@@ -1,0 +1,614 @@
+"""Triton kernels of flash attention: a tiled online-softmax forward and a backward by
+recomputation from the saved log-sum-exp (no Nq x Nk tensor is ever stored).
+
+Every program works out, with a few scalar operations, which key blocks (forward, dQ) or query
+blocks (dK/dV) its tile can see at all, and which of those it sees whole. Blocks it cannot see
+(above the causal diagonal, outside the window, wholly padded) are never visited; blocks seen
+whole run without any masking; only the boundary blocks pay for the mask (the `MASKED`
+constexpr of the inner loops). Scores are kept in base 2: s * scale * log2(e), so the loops use
+exp2, and the saved log-sum-exp is in base 2 too.
+
+Window reach: a key j is visible to a query at position p when j - p <= right (right = 0 is
+causal) and p - j <= left; HAS_LEFT / HAS_RIGHT say whether each bound exists.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import interpreter_enabled
+
+LOG2E = 1.4426950408889634
+
+
+# --- launchers ----------------------------------------------------------------------------------
+
+
+def empty_output(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) laid out as (B, N, H, D), so that `out.transpose(1, 2)` is contiguous:
+    transformers' attention functions return that transpose, and it then costs no copy."""
+    batch, heads, length, head_dim = q.shape
+    return q.new_empty((batch, length, heads, head_dim)).transpose(1, 2)
+
+
+def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale):
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    out = empty_output(q)
+    lse = torch.empty((batch, q_heads, q_len), device=q.device, dtype=torch.float32)
+    bounds = _padding_bounds(key_padding_mask)
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
+
+    with _on_device(q):
+        _fwd_kernel[grid](
+            q, k, v, out, lse, key_padding_mask, bounds, alibi_slopes,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+            q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, left, right,
+            _bucket(q_len), _bucket(k_len),
+            **_static_args(q, key_padding_mask, alibi_slopes, left, right),
+        )
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale):
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    bounds = _padding_bounds(key_padding_mask)
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    static = _static_args(q, key_padding_mask, alibi_slopes, left, right)
+
+    with _on_device(q):
+        _bwd_delta_kernel[(triton.cdiv(q_len, 64), batch * q_heads)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), q_len, q_heads,
+            HEAD_DIM=head_dim, BLOCK_D=static["BLOCK_D"], BLOCK_M=64,
+        )
+        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads)](
+            q, k, v, grad_out, dk, dv, lse, delta, key_padding_mask, bounds, alibi_slopes,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *mask_strides,
+            q_len, k_len, q_heads, kv_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right,
+            _bucket(q_len), _bucket(k_len),
+            **static,
+        )
+        _bwd_dq_kernel[lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)](
+            q, k, v, grad_out, dq, lse, delta, key_padding_mask, bounds, alibi_slopes,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+            *mask_strides,
+            q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right,
+            _bucket(q_len), _bucket(k_len),
+            **static,
+        )
+    return dq, dk, dv
+
+
+def _static_args(q, key_padding_mask, alibi_slopes, left, right) -> dict:
+    """Compile-time switches: each combination is its own specialised kernel."""
+    return dict(
+        HEAD_DIM=q.shape[-1],
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        HAS_LEFT=left >= 0,
+        HAS_RIGHT=right >= 0,
+        HAS_PADDING=key_padding_mask is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        # float32 inputs get true float32 dot products, not tf32.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _padding_bounds(key_padding_mask):
+    """(B, 2) int32: first real key and one past the last, so wholly padded blocks are skipped."""
+    if key_padding_mask is None:
+        return None
+    batch, k_len = key_padding_mask.shape
+    bounds = torch.empty((batch, 2), device=key_padding_mask.device, dtype=torch.int32)
+    with _on_device(key_padding_mask):
+        _padding_bounds_kernel[(batch,)](
+            key_padding_mask, bounds, *key_padding_mask.stride(), k_len, BLOCK=1024
+        )
+    return bounds
+
+
+def _bucket(n: int) -> int:
+    """Autotuning key for a length: one tuning per power of two, not per length."""
+    return triton.next_power_of_2(n)
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NoDevice()
+
+
+class _NoDevice:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- tuning -------------------------------------------------------------------------------------
+
+
+def _configs(blocks):
+    """Triton configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples; one small config
+    under the interpreter, where autotuning would only cost time."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in blocks
+    ]
+
+
+def _prune_for_shape(configs, named_args, **kwargs):
+    """Keep the configs that suit the head dim and the query length."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    q_len = named_args["q_len"]
+    kept = [
+        c for c in configs
+        if (block_d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128)
+        and (block_d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)
+        and (q_len > 16 or c.kwargs["BLOCK_M"] <= 16)
+        and (q_len <= 16 or c.kwargs["BLOCK_M"] >= 64)
+    ]
+    return kept or configs[:1]
+
+
+_FWD_CONFIGS = _configs([
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+    (64, 32, 4, 2), (16, 64, 4, 3), (16, 128, 4, 3),
+])
+_DKDV_CONFIGS = _configs([
+    (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2),
+    (16, 64, 4, 2),
+])
+_DQ_CONFIGS = _configs([
+    (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2),
+    (16, 64, 4, 2),
+])
+_TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_PADDING",
+               "HAS_ALIBI", "DOT_PRECISION"]
+_PRUNE = {"early_config_prune": _prune_for_shape}
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+
+
+# Triton's interpreter multiplies bfloat16 tiles as raw 16-bit integers (triton 3.9); there,
+# and only there, dots of bfloat16 tiles go through float32, which gives the same products.
+_UPCAST_BF16_DOTS = tl.constexpr(interpreter_enabled())
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    if _UPCAST_BF16_DOTS and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split the index range [lo, hi) into block-aligned parts: [start, full_start) and
+    [full_end, hi) need masking, [full_start, full_end) lies inside [full_lo, full_hi)."""
+    hi = tl.maximum(hi, 0)
+    lo = tl.minimum(tl.maximum(lo, 0), hi)
+    full_lo = tl.maximum(full_lo, lo)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), 0)
+    start = (lo // BLOCK) * BLOCK
+    full_start = tl.cdiv(full_lo, BLOCK) * BLOCK
+    full_end = (full_hi // BLOCK) * BLOCK
+    if full_end <= full_start:
+        full_start = hi
+        full_end = hi
+    if hi <= lo:
+        start = hi
+    return start, full_start, full_end, hi
+
+
+@triton.jit
+def _key_ranges(first_pos, last_pos, k_len, left, right, Bounds, b,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Key blocks seen by queries at positions [first_pos, last_pos] (see _block_ranges)."""
+    lo = first_pos * 0
+    hi = lo + k_len
+    if HAS_PADDING:
+        lo = tl.load(Bounds + 2 * b)
+        hi = tl.load(Bounds + 2 * b + 1)
+    full_lo = lo
+    full_hi = hi
+    if HAS_LEFT:
+        lo = tl.maximum(lo, first_pos - left)
+        full_lo = tl.maximum(full_lo, last_pos - left)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, last_pos + right + 1)
+        full_hi = tl.minimum(full_hi, first_pos + right + 1)
+    return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_N)
+
+
+@triton.jit
+def _visible(pos, offs_n, k_len, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(rows, keys) mask of the pairs the window and the sequence end allow."""
+    distance = pos[:, None] - offs_n[None, :]
+    visible = (offs_n < k_len)[None, :]
+    if HAS_LEFT:
+        visible = visible & (distance <= left)
+    if HAS_RIGHT:
+        visible = visible & (distance >= -right)
+    return visible
+
+
+@triton.jit
+def _padding_bounds_kernel(Mask, Bounds, stride_mb, stride_mn, k_len, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    first = tl.full([], 0, tl.int32) + k_len
+    last = tl.full([], -1, tl.int32)
+    for start in range(0, k_len, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        keep = tl.load(Mask + b * stride_mb + offs * stride_mn, mask=offs < k_len, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(keep, offs, k_len), 0))
+        last = tl.maximum(last, tl.max(tl.where(keep, offs, -1), 0))
+    tl.store(Bounds + 2 * b, first)
+    tl.store(Bounds + 2 * b + 1, last + 1)
+
+
+# --- forward ------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
+def _fwd_kernel(
+    Q, K, V, Out, Lse, Mask, Bounds, Slopes,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mn,
+    q_len, k_len, num_q_heads, group_size, qk_scale, left, right,
+    Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_q_heads
+    h = pid_bh % num_q_heads
+    kv_h = h // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < q_len
+    shift = k_len - q_len
+    pos = offs_m + shift
+
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + h) * 1.4426950408889634
+
+    first_pos = pid_m * BLOCK_M + shift
+    last_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
+    start, full_start, full_end, end = _key_ranges(
+        first_pos, last_pos, k_len, left, right, Bounds, b, HAS_LEFT, HAS_RIGHT, HAS_PADDING, BLOCK_N
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    args = (q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            Mask, b * stride_mb, stride_mn, pos, offs_d, d_ok, k_len, left, right, slope, qk_scale)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, start, full_start, BLOCK_N, True,
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_start, full_end, BLOCK_N, False,
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_end, end, BLOCK_N, True,
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+
+    # A row that saw no key: output zeros, and lse = +inf so the backward's exp2(s - lse) is 0.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(Lse + pid_bh * q_len + offs_m, lse, mask=row_ok)
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    Mask, mask_offset, stride_mn, pos, offs_d, d_ok, k_len, left, right, slope, qk_scale,
+    start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+        else:
+            kv_ok = d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        if HAS_ALIBI:
+            s += slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
+        if MASKED:
+            s = tl.where(_visible(pos, offs_n, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        if HAS_PADDING:
+            keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0)
+            s = tl.where((keep != 0)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing visible yet keep m = -inf; subtract 0 instead so no NaN appears.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kv_ok, other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# --- backward -----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Out, dOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    q_len, num_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d O[i, d] * dO[i, d], the row term of the softmax gradient."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_q_heads
+    h = pid_bh % num_q_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(dOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm
+                 + offs_d[None, :] * stride_dd, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh * q_len + offs_m, delta, mask=offs_m < q_len)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
+def _bwd_dkdv_kernel(
+    Q, K, V, dOut, dK, dV, Lse, Delta, Mask, Bounds, Slopes,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb, stride_mn,
+    q_len, k_len, num_q_heads, num_kv_heads, group_size, qk_scale, sm_scale, left, right,
+    Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK and dV of one key block of one KV head, summed over every query head of its group."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    kv_h = pid_bh % num_kv_heads
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    keep = offs_n < k_len
+    if HAS_PADDING:
+        keep = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
+
+    # Query positions that see some key of this block, and those that see all of it.
+    shift = k_len - q_len
+    first_key = pid_n * BLOCK_N
+    last_key = tl.minimum(first_key + BLOCK_N, k_len) - 1
+    lo = shift * 0
+    hi = lo + q_len
+    full_lo = lo
+    full_hi = hi
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, first_key - right - shift)
+        full_lo = tl.maximum(full_lo, last_key - right - shift)
+    if HAS_LEFT:
+        hi = tl.minimum(hi, last_key + left + 1 - shift)
+        full_hi = tl.minimum(full_hi, first_key + left + 1 - shift)
+    if HAS_PADDING:
+        if (last_key < tl.load(Bounds + 2 * b)) | (first_key >= tl.load(Bounds + 2 * b + 1)):
+            hi = lo
+    start, full_start, full_end, end = _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(group_size):
+        h = kv_h * group_size + g
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Slopes + h) * 1.4426950408889634
+        row_base = (b * num_q_heads + h) * q_len
+        args = (k, v, Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd,
+                dOut + b * stride_db + h * stride_dh, stride_dm, stride_dd,
+                Lse + row_base, Delta + row_base, keep, offs_n, offs_d, d_ok,
+                shift, q_len, left, right, slope, qk_scale)
+        dk, dv = _dkdv_inner(dk, dv, *args, start, full_start, BLOCK_M, True,
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, *args, full_start, full_end, BLOCK_M, False,
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, *args, full_end, end, BLOCK_M, True,
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(dK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(dK.dtype.element_ty), mask=kv_ok)
+    tl.store(dV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(dV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_base, stride_qm, stride_qd, do_base, stride_dm, stride_dd,
+    lse_base, delta_base, keep, offs_n, offs_d, d_ok, shift, q_len, left, right, slope, qk_scale,
+    start, end, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Works on transposed tiles (keys x queries) so dK and dV accumulate with plain dots.
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            row_ok = offs_m < q_len
+        else:
+            row_ok = offs_m >= 0
+        q_t = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+        s_t = _dot(k, q_t, None, DOT_PRECISION) * qk_scale
+        pos = offs_m + shift
+        if HAS_ALIBI:
+            s_t += slope * (offs_n[:, None] - pos[None, :]).to(tl.float32)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            # _visible works on (queries, keys); the transpose of its mask is the one needed.
+            distance = pos[None, :] - offs_n[:, None]
+            visible = row_ok[None, :]
+            if HAS_LEFT:
+                visible = visible & (distance <= left)
+            if HAS_RIGHT:
+                visible = visible & (distance >= -right)
+            p_t = tl.where(visible, p_t, 0.0)
+        if HAS_PADDING:
+            p_t = tl.where(keep[:, None], p_t, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
+def _bwd_dq_kernel(
+    Q, K, V, dOut, dQ, Lse, Delta, Mask, Bounds, Slopes,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mb, stride_mn,
+    q_len, k_len, num_q_heads, group_size, qk_scale, sm_scale, left, right,
+    Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one query block of one head, over the same key blocks as the forward."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_q_heads
+    h = pid_bh % num_q_heads
+    kv_h = h // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < q_len
+    io_ok = row_ok[:, None] & d_ok[None, :]
+    shift = k_len - q_len
+    pos = offs_m + shift
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=io_ok, other=0.0)
+    do = tl.load(dOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm
+                 + offs_d[None, :] * stride_dd, mask=io_ok, other=0.0)
+    lse = tl.load(Lse + pid_bh * q_len + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + pid_bh * q_len + offs_m, mask=row_ok, other=0.0)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + h) * 1.4426950408889634
+
+    first_pos = pid_m * BLOCK_M + shift
+    last_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
+    start, full_start, full_end, end = _key_ranges(
+        first_pos, last_pos, k_len, left, right, Bounds, b, HAS_LEFT, HAS_RIGHT, HAS_PADDING, BLOCK_N
+    )
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    args = (q, do, lse, delta, K + b * stride_kb + kv_h * stride_kh, stride_kn, stride_kd,
+            V + b * stride_vb + kv_h * stride_vh, stride_vn, stride_vd,
+            Mask, b * stride_mb, stride_mn, pos, offs_d, d_ok, k_len, left, right, slope, qk_scale)
+    dq = _dq_inner(dq, *args, start, full_start, BLOCK_N, True,
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+    dq = _dq_inner(dq, *args, full_start, full_end, BLOCK_N, False,
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+    dq = _dq_inner(dq, *args, full_end, end, BLOCK_N, True,
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(dQ.dtype.element_ty), mask=io_ok)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
+    Mask, mask_offset, stride_mn, pos, offs_d, d_ok, k_len, left, right, slope, qk_scale,
+    start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
+        else:
+            kv_ok = d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kv_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kv_ok, other=0.0)
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        if HAS_ALIBI:
+            s += slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(pos, offs_n, k_len, left, right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+        if HAS_PADDING:
+            keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0)
+            p = tl.where((keep != 0)[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq
