@@ -81,3 +81,48 @@ def window_bounds(window: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(window, tuple):
         return window
     return window - 1, 0
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    window: int | tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention over a paged cache: gather each sequence's pages, then attention_reference.
+
+    q: (B, Hq, D), one new token per sequence, standing at the last of its seq_lens[b] positions.
+    k_pages, v_pages: (num_blocks, block_size, Hkv, D). block_table: (B, max_blocks), logical
+    block i of sequence b lives in physical block block_table[b, i]; token t sits in slot
+    t % block_size of logical block t // block_size. Entries the window excludes are never read.
+    A sequence of length 0 returns zeros. Returns (B, Hq, D) in q's dtype.
+    """
+    block_size = k_pages.shape[1]
+    outputs = []
+    for b in range(q.shape[0]):
+        length = int(seq_lens[b])
+        if length == 0:
+            outputs.append(torch.zeros_like(q[b]))
+            continue
+        first = 0
+        if window is not None:
+            left, _ = window_bounds(window)
+            first = max(0, length - 1 - left)
+        # Only gather what the window can see: blocks before it may have been given back.
+        positions = torch.arange(first, length, device=q.device)
+        physical = block_table[b, positions // block_size].long()
+        slots = positions % block_size
+        k = k_pages[physical, slots].permute(1, 0, 2)[None]  # (1, Hkv, n, D)
+        v = v_pages[physical, slots].permute(1, 0, 2)[None]
+        # The query stands at position length - 1; keys start at `first`, so distances match.
+        out = attention_reference(
+            q[b][None, :, None], k, v, causal=True, window=window,
+            alibi_slopes=alibi_slopes, scale=scale,
+        )
+        outputs.append(out[0, :, 0])
+    return torch.stack(outputs)

@@ -1,0 +1,201 @@
+"""`paged_attention` and `write_to_pages`: decode over a paged KV cache (vLLM's PagedAttention).
+
+Layout (DESIGN.md, "Decode with a paged cache"):
+
+* k_pages, v_pages: (num_blocks, block_size, Hkv, D), one pool per layer.
+* block_table: (B, max_blocks) int32, logical block i of sequence b -> physical block.
+  Token t of a sequence lives in slot t % block_size of logical block t // block_size; its flat
+  slot number (what `write_to_pages` takes) is physical * block_size + t % block_size.
+* seq_lens: (B,) int32, tokens per sequence including the new one, already written.
+
+Semantics are those of `reference.paged_attention_reference`: `flash_attention` for the last
+query position. The Triton launch is registered as torch custom ops so a decode step runs
+under `torch.compile` and CUDA graphs: nothing here reads tensor values on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _paged_triton
+from ._checks import SUPPORTED_HEAD_DIMS, check_device, check_dtypes, window_reach
+
+__all__ = ["paged_attention", "write_to_pages"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    window: int | tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged K/V.
+
+    q: (B, Hq, D); query head h reads KV head h // (Hq // Hkv). The query stands at position
+    seq_lens[b] - 1. window: int W (the W most recent keys, its own included) or (left, right),
+    of which decode uses only left. alibi_slopes: (Hq,) adds slope * (j - pos) to the scores.
+    scale defaults to D ** -0.5. Returns (B, Hq, D) in q's dtype; a sequence of length 0 gives
+    zeros.
+    """
+    check_paged_inputs(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes=alibi_slopes)
+    left, _ = window_reach(True, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.to(torch.float32)
+    return torch.ops.hf_attn_patch.paged_attention(
+        q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, left, scale
+    )
+
+
+def write_to_pages(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new tokens' K/V into their slots, in place.
+
+    key, value: (B, Hkv, N, D), the layout transformers hands to its caches (any strides).
+    slot_mapping: (B, N) integer flat slots (physical block * block_size + offset); a negative
+    slot skips the token (left padding, finished sequences). One launch for the whole batch,
+    so a prefill writes all prompt tokens in one pass.
+    """
+    check_write_inputs(key, value, k_pages, v_pages, slot_mapping)
+    torch.ops.hf_attn_patch.write_to_pages(key, value, k_pages, v_pages, slot_mapping)
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+
+def check_paged_inputs(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    alibi_slopes: torch.Tensor | None,
+) -> None:
+    """Shapes, dtypes and devices for `paged_attention`; a ValueError says what to change."""
+    if q.dim() != 3:
+        raise ValueError(
+            f"q must be 3-D (batch, num_q_heads, head_dim), one token per sequence; got {tuple(q.shape)}. "
+            "For a (B, H, 1, D) query pass q[:, :, 0]."
+        )
+    _check_pages(k_pages, v_pages)
+    batch, q_heads, head_dim = q.shape
+    _, _, kv_heads, page_dim = k_pages.shape
+    if page_dim != head_dim:
+        raise ValueError(f"head dim mismatch: q has {head_dim}, the pages have {page_dim}")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of the pages' KV heads ({kv_heads})")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    check_dtypes(q, ("k_pages", k_pages), ("v_pages", v_pages))
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(
+            f"block_table must be (batch, max_blocks) = ({batch}, ...), got {tuple(block_table.shape)}"
+        )
+    if tuple(seq_lens.shape) != (batch,):
+        raise ValueError(f"seq_lens must have shape (batch,) = ({batch},), got {tuple(seq_lens.shape)}")
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens)):
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name} must be int32 (or int64), got {t.dtype}; convert with .to(torch.int32)")
+    extra = []
+    if alibi_slopes is not None:
+        if tuple(alibi_slopes.shape) != (q_heads,):
+            raise ValueError(
+                f"alibi_slopes must have shape (num_q_heads,) = ({q_heads},), got {tuple(alibi_slopes.shape)}"
+            )
+        if not alibi_slopes.is_floating_point():
+            raise ValueError(f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
+        extra.append(alibi_slopes)
+    check_device(q, k_pages, v_pages, block_table, seq_lens, *extra)
+
+
+def check_write_inputs(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Shapes, dtypes and devices for `write_to_pages`."""
+    if key.dim() != 4 or key.shape != value.shape:
+        raise ValueError(
+            "key and value must both be (batch, num_kv_heads, seq_len, head_dim), "
+            f"got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    _check_pages(k_pages, v_pages)
+    batch, kv_heads, tokens, head_dim = key.shape
+    if (kv_heads, head_dim) != tuple(k_pages.shape[2:]):
+        raise ValueError(
+            f"key has {kv_heads} heads of dim {head_dim}, the pages hold {tuple(k_pages.shape[2:])}"
+        )
+    if tuple(slot_mapping.shape) != (batch, tokens):
+        raise ValueError(f"slot_mapping must have shape (batch, seq_len) = {(batch, tokens)}, got {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"slot_mapping must be int64 or int32, got {slot_mapping.dtype}")
+    if key.dtype != k_pages.dtype or value.dtype != v_pages.dtype:
+        raise ValueError(
+            f"key/value dtypes ({key.dtype}, {value.dtype}) must match the pages' ({k_pages.dtype}); "
+            "build the cache in the model's dtype"
+        )
+    check_device(key, value, k_pages, v_pages, slot_mapping)
+
+
+def _check_pages(k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
+    if k_pages.dim() != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(
+            "k_pages and v_pages must both be (num_blocks, block_size, num_kv_heads, head_dim), "
+            f"got {tuple(k_pages.shape)} and {tuple(v_pages.shape)}"
+        )
+
+
+# --- torch custom ops ---------------------------------------------------------------------------
+# window_left: keys with pos - j <= window_left are visible; -1 = no window.
+
+
+@torch.library.custom_op("hf_attn_patch::paged_attention", mutates_args=())
+def _paged_attention_op(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    alibi_slopes: Optional[torch.Tensor],
+    window_left: int,
+    scale: float,
+) -> torch.Tensor:
+    return _paged_triton.decode(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, window_left, scale)
+
+
+@_paged_attention_op.register_fake
+def _paged_attention_fake(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, window_left, scale):
+    return _paged_triton.empty_output(q)
+
+
+@torch.library.custom_op("hf_attn_patch::write_to_pages", mutates_args=("k_pages", "v_pages"))
+def _write_to_pages_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    _paged_triton.write(key, value, k_pages, v_pages, slot_mapping)
+
+
+@_write_to_pages_op.register_fake
+def _write_to_pages_fake(key, value, k_pages, v_pages, slot_mapping):
+    return None
