@@ -234,6 +234,14 @@ def _key_ranges(first_pos, last_pos, k_len, left, right, Bounds, b,
 
 
 @triton.jit
+def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A compile-time all-true mask when the head dim is a power of two: no masked loads then.
+    if HEAD_DIM == BLOCK_D:
+        return tl.full([BLOCK_D], 1, tl.int1)
+    return offs_d < HEAD_DIM
+
+
+@triton.jit
 def _visible(pos, offs_n, k_len, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """(rows, keys) mask of the pairs the window and the sequence end allow."""
     distance = pos[:, None] - offs_n[None, :]
@@ -278,6 +286,8 @@ def _fwd_kernel(
     HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:  # causal: the last query blocks see the most keys; start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // num_q_heads
     h = pid_bh % num_q_heads
@@ -285,7 +295,7 @@ def _fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     row_ok = offs_m < q_len
     shift = k_len - q_len
     pos = offs_m + shift
@@ -419,7 +429,7 @@ def _bwd_dkdv_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
     k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn
                 + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
@@ -543,7 +553,7 @@ def _bwd_dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     row_ok = offs_m < q_len
     io_ok = row_ok[:, None] & d_ok[None, :]
     shift = k_len - q_len
