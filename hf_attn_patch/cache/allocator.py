@@ -1,0 +1,181 @@
+"""Block allocator for the paged KV cache: plain Python, no tensors, no kernels (as in vLLM).
+
+The pool holds `num_blocks` physical blocks of `block_size` token slots. Each sequence owns a
+block table, a list mapping its logical block i (tokens i * block_size ... (i + 1) * block_size - 1)
+to a physical block. Blocks are taken when a sequence grows into a new logical block and go back
+to the free list when the sequence is released.
+
+With a sliding window of W tokens, a query at position p sees keys p - W + 1 ... p, and later
+queries only move right; so once a logical block lies wholly before p - W + 1 it is never read
+again, and it goes back to the pool. Its table entry becomes EVICTED (-1): logical indices never
+shift, so the kernel keeps computing a token's block as t // block_size, and the window keeps
+it from ever reading an evicted entry. Tokens that are outside the window already when they
+arrive (the start of a long prompt) get no slot at all. Memory per sequence thus stops growing
+at about W / block_size + 1 blocks.
+
+A step either succeeds for every sequence or changes nothing: `extend` works out every block it
+needs first, and raises `CacheFullError` with the numbers before touching any state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable, Mapping
+
+EVICTED = -1  # block-table entry whose block went back to the pool (or was never taken)
+
+
+class CacheFullError(RuntimeError):
+    """The pool has too few free blocks for the step; the allocator is left as it was."""
+
+    def __init__(self, blocks_needed: int, blocks_free: int, blocks_total: int, block_size: int):
+        self.blocks_needed = blocks_needed
+        self.blocks_free = blocks_free
+        self.blocks_total = blocks_total
+        self.block_size = block_size
+        super().__init__(
+            f"paged KV cache is full: this step needs {blocks_needed} more blocks of {block_size} "
+            f"tokens but only {blocks_free} of {blocks_total} are free. Build the cache with more "
+            "blocks (num_blocks= or max_tokens=), release finished sequences, or run fewer or "
+            "shorter sequences at once."
+        )
+
+
+@dataclass
+class StepPlan:
+    """What one `extend` did to one sequence: the slots of its new tokens and its table edits."""
+
+    slots: list[int] = field(default_factory=list)  # flat slot per new token; -1 = not stored
+    table_updates: list[tuple[int, int]] = field(default_factory=list)  # (logical index, physical or EVICTED)
+
+
+class BlockAllocator:
+    """Free list of physical blocks plus one block table and length per live sequence."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # A stack: pop() hands out low block numbers first, which keeps tests readable.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._tables: dict[Hashable, list[int]] = {}
+        self._lengths: dict[Hashable, int] = {}
+        self.peak_blocks_used = 0
+
+    # --- queries -------------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def sequences(self) -> list[Hashable]:
+        return list(self._tables)
+
+    def length(self, seq: Hashable) -> int:
+        """Tokens the sequence has seen (evicted ones included); 0 for an unknown sequence."""
+        return self._lengths.get(seq, 0)
+
+    def block_table(self, seq: Hashable) -> list[int]:
+        """Logical -> physical block for the sequence (a copy); EVICTED where given back."""
+        return list(self._tables.get(seq, ()))
+
+    def blocks_of(self, seq: Hashable) -> list[int]:
+        """Physical blocks the sequence holds now."""
+        return [b for b in self._tables.get(seq, ()) if b != EVICTED]
+
+    # --- changes -------------------------------------------------------------------------------
+
+    def extend(
+        self, new_tokens: Mapping[Hashable, int], window: int | None = None
+    ) -> dict[Hashable, StepPlan]:
+        """Append new_tokens[seq] tokens to each sequence (new sequences start empty).
+
+        With a window, blocks wholly outside it after the step are given back first, and new
+        tokens outside it get slot -1. All or nothing: raises CacheFullError, changing nothing,
+        when the pool cannot hold the step.
+        """
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 token, got {window}")
+        for seq, count in new_tokens.items():
+            if count < 0:
+                raise ValueError(f"sequence {seq!r}: cannot add {count} tokens")
+
+        # Plan everything first, so that a full pool leaves no partial step behind.
+        needed = 0
+        released = 0
+        plans = {}
+        for seq, count in new_tokens.items():
+            table = self._tables.get(seq, [])
+            old_len = self._lengths.get(seq, 0)
+            first_kept = self._first_kept_block(old_len + count, window)
+            evict = [i for i in range(min(first_kept, len(table))) if table[i] != EVICTED]
+            last_block = (old_len + count - 1) // self.block_size if old_len + count else -1
+            grow = list(range(len(table), last_block + 1))
+            take = [i for i in grow if i >= first_kept]
+            needed += len(take)
+            released += len(evict)
+            plans[seq] = (old_len, count, evict, grow, take)
+        if needed > len(self._free) + released:
+            raise CacheFullError(needed - released, len(self._free), self.num_blocks, self.block_size)
+
+        # Give back first, for every sequence: blocks leaving one window can serve another.
+        result = {seq: StepPlan() for seq in plans}
+        for seq, (_, _, evict, _, _) in plans.items():
+            table = self._tables.setdefault(seq, [])
+            for i in evict:
+                self._free.append(table[i])
+                table[i] = EVICTED
+                result[seq].table_updates.append((i, EVICTED))
+        for seq, (old_len, count, _, grow, take) in plans.items():
+            table, plan = self._tables[seq], result[seq]
+            table.extend([EVICTED] * len(grow))
+            for i in take:
+                table[i] = self._free.pop()
+                plan.table_updates.append((i, table[i]))
+            for t in range(old_len, old_len + count):
+                physical = table[t // self.block_size]
+                plan.slots.append(EVICTED if physical == EVICTED else physical * self.block_size + t % self.block_size)
+            self._lengths[seq] = old_len + count
+        self.peak_blocks_used = max(self.peak_blocks_used, self.num_used)
+        return result
+
+    def release(self, seqs: Iterable[Hashable]) -> int:
+        """Forget the sequences and return their blocks to the pool; returns blocks freed."""
+        freed = 0
+        for seq in seqs:
+            for block in self._tables.pop(seq, ()):
+                if block != EVICTED:
+                    self._free.append(block)
+                    freed += 1
+            self._lengths.pop(seq, None)
+        return freed
+
+    def release_all(self) -> None:
+        self.release(list(self._tables))
+
+    def _first_kept_block(self, length: int, window: int | None) -> int:
+        """First logical block a query at position length - 1 (or later) can still see."""
+        if window is None:
+            return 0
+        return max(0, length - window) // self.block_size
+
+    # --- consistency ---------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Every block is either free or held by exactly one table entry; raise if not."""
+        held = [b for table in self._tables.values() for b in table if b != EVICTED]
+        owners = held + self._free
+        if sorted(owners) != list(range(self.num_blocks)):
+            raise AssertionError(
+                f"block accounting broken: {len(held)} held + {len(self._free)} free for "
+                f"{self.num_blocks} blocks (duplicates or losses)"
+            )
+        for seq, table in self._tables.items():
+            length = self._lengths[seq]
+            if len(table) != -(-length // self.block_size):
+                raise AssertionError(f"sequence {seq!r}: {len(table)} table entries for {length} tokens")

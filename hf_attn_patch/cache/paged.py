@@ -1,0 +1,394 @@
+"""`PagedKVCache`: a transformers `Cache` whose K/V live in fixed-size blocks of one pool.
+
+    cache = PagedKVCache(model, max_batch_size=8, max_tokens=32_768)
+    model.generate(**inputs, past_key_values=cache,
+                   stopping_criteria=[cache.release_finished()])   # optional: free blocks early
+
+How a step flows (the model must be patched by `hf_attn_patch.patch_model`):
+
+* Prompt. `update` keeps the prompt's K/V aside and returns them unchanged: the prompt's own
+  attention runs on the flash kernel over those tensors. The patched attention function then
+  calls `paged_decode_or_none` (hooks.py) with the padding mask, and the cache writes only the
+  real tokens into pages, one launch per layer: left padding takes no pages.
+* Decode. At layer 0 the cache takes the step's blocks on the host (no device sync: it tracks
+  every length itself), pushes the block-table edits and lengths to the device, then each layer
+  writes the new token's K/V into its slot. `update` returns the new token's K/V; the attention
+  function's hook call recognises them (by identity) and answers with `paged_attention`.
+
+A model that is not patched never calls the hook; the cache notices at the first decode step and
+raises instead of letting an attention run over the lone new token.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from transformers import StoppingCriteria
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..kernels import paged_attention, write_to_pages
+from .allocator import EVICTED, BlockAllocator
+
+__all__ = ["PagedKVCache", "KVShape"]
+
+# Every live cache, so the attention hook can find the one that produced a key tensor.
+LIVE_CACHES: "weakref.WeakSet[PagedKVCache]" = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What a model's config says about its K/V: layers, heads, head dim, sliding window."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, config) -> "KVShape":
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if getattr(config, "model_type", None) == "falcon":
+            # Falcon: grouped heads in the new (40B) architecture, one K/V head with multi_query.
+            if config.new_decoder_architecture:
+                kv_heads = config.num_kv_heads
+            else:
+                kv_heads = 1 if config.multi_query else heads
+        else:
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        layer_types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        if layer_types is not None and any(t != "sliding_attention" for t in layer_types):
+            window = None  # a full-attention layer needs every block: nothing can be given back
+        return cls(config.num_hidden_layers, kv_heads, head_dim, window)
+
+
+class PagedKVCache(Cache):
+    """Paged K/V for `generate`: blocks taken on demand, given back when a sequence ends or
+    slides out of the window. See the module docstring for the flow of a step.
+
+    Args:
+        model: the (patched) model, or its config; gives layers, KV heads, head dim, window.
+        max_batch_size: most sequences decoded at once.
+        num_blocks / max_tokens: pool size, in blocks or in tokens (one of the two).
+        block_size: tokens per block.
+        dtype, device: of the pool; default to the model's parameters (float32 / CPU for a config).
+        max_seq_len: longest sequence (sizes the block table); defaults to the config's
+            max_position_embeddings.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch_size: int,
+        num_blocks: int | None = None,
+        max_tokens: int | None = None,
+        block_size: int = 16,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        max_seq_len: int | None = None,
+    ):
+        config = getattr(model, "config", model)
+        if (num_blocks is None) == (max_tokens is None):
+            raise ValueError("give the pool size as exactly one of num_blocks= or max_tokens=")
+        if num_blocks is None:
+            num_blocks = math.ceil(max_tokens / block_size)
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        dtype = dtype or (parameter.dtype if parameter is not None else torch.float32)
+        device = torch.device(device or (parameter.device if parameter is not None else "cpu"))
+
+        self.shape = KVShape.from_config(config)
+        self.block_size = block_size
+        self.max_batch_size = max_batch_size
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        pool_shape = (self.shape.num_layers, num_blocks, block_size, self.shape.num_kv_heads, self.shape.head_dim)
+        self.k_pages = torch.empty(pool_shape, dtype=dtype, device=device)
+        self.v_pages = torch.empty(pool_shape, dtype=dtype, device=device)
+
+        max_seq_len = max_seq_len or getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+        if self.shape.sliding_window is None:  # without a window a sequence never outgrows the pool
+            max_seq_len = min(max_seq_len or num_blocks * block_size, num_blocks * block_size)
+        self.max_seq_len = max_seq_len or num_blocks * block_size
+        table_width = math.ceil(self.max_seq_len / block_size)
+        self.block_table = torch.full((max_batch_size, table_width), EVICTED, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+
+        generation_config = getattr(model, "generation_config", None)
+        self._eos_token_id = getattr(generation_config, "eos_token_id", None)
+
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(self.shape.num_layers)])
+        self._clear_step_state()
+        LIVE_CACHES.add(self)
+
+    # --- the Cache API that generate and the models use --------------------------------------
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        """Prompt: keep K/V for the hook, return them. Decode: write the token, return it."""
+        layer = self.layers[layer_idx]
+        self._check_kv(key_states, layer_idx)
+        if layer.seen == 0:
+            self._pending_prompt[layer_idx] = (key_states, value_states)
+            layer.seen += key_states.shape[2]
+            return key_states, value_states
+
+        if key_states.shape[2] != 1:
+            raise NotImplementedError(
+                f"PagedKVCache takes a prompt, then one token per step; got {key_states.shape[2]} tokens "
+                f"after {layer.seen}. Use a fresh cache (or cache.reset()) for a new prompt."
+            )
+        if layer_idx in self._pending_prompt or layer_idx in self._unread:
+            raise RuntimeError(
+                "PagedKVCache: the attention of layer "
+                f"{layer_idx} did not read from the paged cache, so it would attend to the new token "
+                "alone. Patch the model first (hf_attn_patch.patch_model(model)), or use the default cache."
+            )
+        if layer_idx == 0:
+            self._begin_decode_step(key_states.shape[0])
+        write_to_pages(key_states, value_states, self.k_pages[layer_idx], self.v_pages[layer_idx], self._step_slots)
+        self._unread[layer_idx] = key_states
+        layer.seen += 1
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions processed so far (padding included), as for the default cache."""
+        return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    def reset(self) -> None:
+        """Forget every sequence and give all blocks back; the cache can take a new prompt."""
+        self.allocator.release_all()
+        self.seq_lens.zero_()
+        self.block_table.fill_(EVICTED)
+        for layer in self.layers:
+            layer.seen = 0
+        self._clear_step_state()
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("PagedKVCache does not support beam search; use num_beams=1")
+
+    def crop(self, tokens_to_remove: int):
+        raise NotImplementedError("PagedKVCache cannot be cropped (assisted decoding, DoLa); use the default cache")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError("PagedKVCache cannot be expanded after the prompt; expand the inputs instead")
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("PagedKVCache cannot select batch rows; use release(rows) to end sequences")
+
+    # --- our API -------------------------------------------------------------------------------
+
+    def release(self, rows: Iterable[int]) -> int:
+        """End these batch rows: their blocks go back to the pool, later steps skip them.
+        Returns the number of blocks freed."""
+        rows = [r for r in rows if self._active[r]]
+        for r in rows:
+            self._active[r] = False
+        if rows:
+            self.seq_lens[rows] = 0
+        return self.allocator.release(rows)
+
+    def release_finished(self, eos_token_id: int | list[int] | None = None) -> StoppingCriteria:
+        """A stopping criterion for `generate` that releases each row when it emits EOS (it
+        never stops generation itself). eos_token_id defaults to the model's generation config."""
+        return _ReleaseFinished(self, self._eos_token_id if eos_token_id is None else eos_token_id)
+
+    def stats(self) -> dict:
+        """Blocks total / used / free (and the peak), their bytes, and tokens held."""
+        a = self.allocator
+        bytes_per_block = 2 * self.k_pages[:, 0].numel() * self.k_pages.element_size()  # K and V, all layers
+        return {
+            "block_size": self.block_size,
+            "blocks_total": a.num_blocks,
+            "blocks_used": a.num_used,
+            "blocks_free": a.num_free,
+            "blocks_peak": a.peak_blocks_used,
+            "bytes_per_block": bytes_per_block,
+            "bytes_total": bytes_per_block * a.num_blocks,
+            "bytes_used": bytes_per_block * a.num_used,
+            "bytes_peak": bytes_per_block * a.peak_blocks_used,
+            "sequences": len(a.sequences()),
+            "tokens": sum(a.length(s) for s in a.sequences()),
+        }
+
+    # --- called by the attention hook -----------------------------------------------------------
+
+    def owns(self, layer_idx, key) -> bool:
+        """Did this cache's `update` return `key` for the layer, not yet consumed by the hook?"""
+        pending = self._pending_prompt.get(layer_idx)
+        return (pending is not None and pending[0] is key) or self._unread.get(layer_idx) is key
+
+    def attend(self, layer_idx, query, key, attention_mask, *, scale, window, alibi_slopes):
+        """The hook's work: store a prompt (returns None) or run paged decode (returns out)."""
+        if layer_idx in self._pending_prompt:
+            self._store_prompt(layer_idx, attention_mask)
+            return None
+        del self._unread[layer_idx]
+        self._check_window(window)
+        if query.shape[2] != 1:
+            raise ValueError(f"paged decode takes one query per sequence, got {query.shape[2]}")
+        batch = query.shape[0]
+        out = paged_attention(
+            query[:, :, 0],
+            self.k_pages[layer_idx],
+            self.v_pages[layer_idx],
+            self.block_table[:batch, : self._table_columns],
+            self.seq_lens[:batch],
+            window=window,
+            alibi_slopes=alibi_slopes,
+            scale=scale,
+        )
+        return out[:, :, None]
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _clear_step_state(self):
+        self._pending_prompt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._unread: dict[int, torch.Tensor] = {}
+        self._active: list[bool] = []
+        self._step_slots: torch.Tensor | None = None
+        self._table_columns = 1
+
+    def _check_kv(self, key_states, layer_idx):
+        _, heads, _, head_dim = key_states.shape
+        if (heads, head_dim) != (self.shape.num_kv_heads, self.shape.head_dim):
+            raise ValueError(
+                f"layer {layer_idx} gave K/V with {heads} heads of dim {head_dim}, but the cache was built "
+                f"for {self.shape.num_kv_heads} heads of dim {self.shape.head_dim} from the config"
+            )
+        if key_states.dtype != self.k_pages.dtype or key_states.device != self.k_pages.device:
+            raise ValueError(
+                f"layer {layer_idx} gave K/V as {key_states.dtype} on {key_states.device}, the cache holds "
+                f"{self.k_pages.dtype} on {self.k_pages.device}; build it with the model's dtype and device"
+            )
+
+    def _check_window(self, window):
+        """Blocks given back for the cache's window must stay outside the attention's window."""
+        cache_window = self.shape.sliding_window
+        if cache_window is None:
+            return
+        reach = None if window is None else (window if isinstance(window, int) else window[0] + 1)
+        if reach is None or reach > cache_window:
+            raise ValueError(
+                f"the attention asks for window {window!r} but the cache gives back blocks outside "
+                f"its sliding window of {cache_window}; build the cache from the same config"
+            )
+
+    def _store_prompt(self, layer_idx, attention_mask):
+        key, value = self._pending_prompt.pop(layer_idx)
+        if self._step_slots is None:  # first layer of the prompt: take the blocks
+            self._begin_prompt(key.shape[0], key.shape[2], attention_mask)
+        write_to_pages(key, value, self.k_pages[layer_idx], self.v_pages[layer_idx], self._step_slots)
+
+    def _begin_prompt(self, batch, tokens, attention_mask):
+        if batch > self.max_batch_size:
+            raise ValueError(f"batch of {batch} sequences, but the cache was built for max_batch_size={self.max_batch_size}")
+        real = _real_tokens(attention_mask, batch, tokens, self.k_pages.device)
+        lengths = real.sum(-1).tolist()  # one sync per prompt, none per decode step
+        plans = self.allocator.extend(dict(enumerate(lengths)), window=self.shape.sliding_window)
+        self._active = [True] * batch
+        self._push_to_device(plans, batch)
+        # Slot of each real token: its index among the row's real tokens, through the table.
+        index = real.long().cumsum(-1) - 1
+        physical = self.block_table[:batch].long().gather(1, (index.clamp_min(0) // self.block_size))
+        slots = physical * self.block_size + index % self.block_size
+        self._step_slots = torch.where(real & (physical >= 0), slots, -1)
+
+    def _begin_decode_step(self, batch):
+        if batch != len(self._active):
+            raise ValueError(f"decode step with {batch} sequences after a prompt of {len(self._active)}")
+        new = {row: 1 for row in range(batch) if self._active[row]}
+        plans = self.allocator.extend(new, window=self.shape.sliding_window)  # may raise CacheFullError
+        slots = [EVICTED] * batch
+        for row, plan in plans.items():
+            slots[row] = plan.slots[0]
+        self._push_to_device(plans, batch)
+        self._step_slots = torch.tensor(slots, dtype=torch.int64).view(batch, 1).to(self.k_pages.device)
+
+    def _push_to_device(self, plans, batch):
+        """Apply the step's block-table edits and lengths to the device copies (no sync)."""
+        edits = [(row, i, b) for row, plan in plans.items() for i, b in plan.table_updates]
+        if edits:
+            if max(i for _, i, _ in edits) >= self.block_table.shape[1]:
+                raise ValueError(f"a sequence outgrew max_seq_len={self.max_seq_len}; build the cache with a larger one")
+            rows, cols, blocks = torch.tensor(edits, dtype=torch.int64).to(self.block_table.device).unbind(1)
+            self.block_table[rows, cols] = blocks.to(torch.int32)
+        lengths = [self.allocator.length(row) if self._active[row] else 0 for row in range(batch)]
+        self.seq_lens[:batch] = torch.tensor(lengths, dtype=torch.int32).to(self.seq_lens.device)
+        self._table_columns = max(1, math.ceil(max(lengths, default=0) / self.block_size))
+
+
+class _PagedLayer(CacheLayerMixin):
+    """Per-layer view for transformers' bookkeeping; the pages live in the parent cache."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, cache: PagedKVCache, layer_idx: int):
+        super().__init__()
+        self._cache = weakref.proxy(cache)
+        self.layer_idx = layer_idx
+        self.seen = 0
+        self.keys, self.values = cache.k_pages[layer_idx], cache.v_pages[layer_idx]
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._cache.update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seen = 0
+
+
+class _ReleaseFinished(StoppingCriteria):
+    """Releases a row's blocks when its last token is EOS; never asks generate to stop."""
+
+    def __init__(self, cache: PagedKVCache, eos_token_id):
+        self.cache = cache
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids, scores, **kwargs):
+        eos = self.eos_token_id
+        if eos is None:
+            raise ValueError("release_finished needs eos_token_id (the model's generation config has none)")
+        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=input_ids.device)
+        finished = torch.isin(input_ids[:, -1], eos).nonzero().flatten().tolist()
+        self.cache.release(finished)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _real_tokens(attention_mask, batch, tokens, device) -> torch.Tensor:
+    """(B, N) bool, true for real (non-padding) prompt tokens, from the mask the attention got.
+
+    None means no padding; a 2-D mask is transformers' padding mask; a 4-D mask (bool, or
+    additive float) is read on its last query row, which sees every real key of a causal prompt.
+    """
+    if attention_mask is None:
+        return torch.ones(batch, tokens, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -tokens:].bool().to(device)
+    if attention_mask.dim() == 4:
+        last_row = attention_mask[:, 0, -1, -tokens:]
+        visible = last_row if last_row.dtype == torch.bool else last_row == 0
+        return visible.expand(batch, tokens).to(device)
+    raise ValueError(f"cannot read padding from an attention mask of shape {tuple(attention_mask.shape)}")
