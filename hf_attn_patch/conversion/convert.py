@@ -1,0 +1,160 @@
+"""convert_checkpoint: check everything, write into a temporary folder, verify, move into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from importlib.metadata import version
+from pathlib import Path
+
+from .errors import ConversionError
+from .families import plan_conversion
+from .methods import METHODS, PoolingMethod
+from .plan import ConversionPlan
+from .report import REPORT_NAME, ConversionReport
+from .source import SourceCheckpoint, read_source
+from .verify import resolve_verify, verify_checkpoint
+from .writer import write_checkpoint
+
+
+def convert_checkpoint(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    *,
+    num_kv_heads: int,
+    method: str = "mean",
+    overwrite: bool = False,
+    verify: str = "auto",
+    progress: bool = False,
+) -> ConversionReport:
+    """Convert a safetensors checkpoint folder to `num_kv_heads` key/value heads per layer.
+
+    Llama, Mistral, Falcon (all three fused layouts) and BERT (to GQA-BERT) are supported. The
+    source is only read. Nothing is written until the whole source has been checked; the result
+    is written into a hidden folder beside `dst_dir`, verified (see `verify.py` for the modes),
+    and renamed to `dst_dir` at the end, so a failure at any point leaves no partial checkpoint.
+    An existing `dst_dir` is replaced only with `overwrite=True`, and only once the new one is
+    complete. Raises ConversionError (a ValueError) with the reason on any refusal.
+    """
+    source_dir, destination = Path(src_dir), Path(dst_dir)
+    pool = _pooling_method(method)
+    _check_destination(source_dir, destination, overwrite)
+    source = read_source(source_dir)
+    plan = plan_conversion(source.config, source.tensors, num_kv_heads)
+    verify_mode = resolve_verify(verify, source.total_bytes)
+    _check_free_space(destination.parent, source)
+
+    # Beside the destination, so the final rename stays on one file system; hidden, and named
+    # so that one left by a killed process is recognisable.
+    staging = destination.parent / f".{destination.name}.converting-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        started = time.perf_counter()
+        stats = write_checkpoint(source, plan, pool, staging, progress=progress)
+        seconds = time.perf_counter() - started
+        verified = verify_checkpoint(staging, source, plan, verify_mode)
+        report = _report(source, destination, plan, method, stats, seconds, verify_mode, verified)
+        report.save(staging / REPORT_NAME)
+        _move_into_place(staging, destination, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def _pooling_method(method: str) -> PoolingMethod:
+    if method not in METHODS:
+        raise ConversionError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[method]
+
+
+def _check_destination(source: Path, destination: Path, overwrite: bool) -> None:
+    source_real, destination_real = source.resolve(), destination.resolve()
+    if (
+        destination_real == source_real
+        or source_real in destination_real.parents
+        or destination_real in source_real.parents
+    ):
+        raise ConversionError(
+            f"destination {str(destination)!r} is the source or nested with it; write the converted "
+            "checkpoint to a separate folder (the source is never modified)"
+        )
+    if not destination.parent.is_dir():
+        raise ConversionError(
+            f"the folder {str(destination.parent)!r} that should hold {destination.name!r} does not "
+            "exist; create it first"
+        )
+    if destination.exists() or destination.is_symlink():
+        if not destination.is_dir() or destination.is_symlink():
+            raise ConversionError(
+                f"destination {str(destination)!r} exists and is not a folder; remove it or choose "
+                "another path"
+            )
+        if not overwrite:
+            raise ConversionError(
+                f"destination {str(destination)!r} already exists; pass overwrite=True (--overwrite) to "
+                "replace it once the new checkpoint is complete"
+            )
+
+
+def _check_free_space(folder: Path, source: SourceCheckpoint) -> None:
+    # The output is never larger than the input (pooling only shrinks K/V), so the input's size bounds it.
+    needed = source.total_bytes + sum((source.root / name).stat().st_size for name in source.copied_files)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ConversionError(
+            f"{str(folder)!r} has {free / 1e9:.1f} GB free but the converted checkpoint may need up to "
+            f"{needed / 1e9:.1f} GB; free some space or write elsewhere"
+        )
+
+
+def _move_into_place(staging: Path, destination: Path, overwrite: bool) -> None:
+    if not destination.exists():
+        staging.rename(destination)
+        return
+    if not overwrite:  # appeared while we were writing
+        raise ConversionError(
+            f"destination {str(destination)!r} appeared during the conversion; nothing was replaced"
+        )
+    replaced = destination.with_name(f".{destination.name}.replaced-{uuid.uuid4().hex[:8]}")
+    destination.rename(replaced)
+    try:
+        staging.rename(destination)
+    except BaseException:
+        replaced.rename(destination)
+        raise
+    shutil.rmtree(replaced)
+
+
+def _report(
+    source, destination, plan: ConversionPlan, method, stats, seconds, verify_mode, verified
+) -> ConversionReport:
+    return ConversionReport(
+        source=str(source.root),
+        destination=str(destination),
+        family=plan.family,
+        layout=plan.layout,
+        method=method,
+        num_layers=len(plan.layers),
+        num_query_heads=plan.num_query_heads,
+        kv_heads_before=plan.kv_heads_before,
+        kv_heads_after=plan.kv_heads_after,
+        head_dim=plan.head_dim,
+        shards=len(source.shards),
+        tensors_rewritten=stats.tensors_rewritten,
+        tensors_copied=stats.tensors_copied,
+        bytes_read=source.total_bytes,
+        bytes_written=stats.bytes_written,
+        seconds=round(seconds, 3),
+        megabytes_per_second=round(source.total_bytes / 1e6 / max(seconds, 1e-9), 1),
+        verification=verify_mode,
+        verified=verified,
+        stock_loadable=plan.stock_loadable,
+        config_changes=plan.config_changes(source.config),
+        copied_files=list(source.copied_files),
+        skipped_files=list(source.skipped_files),
+        notes=list(plan.notes),
+        versions={package: version(package) for package in ("torch", "safetensors", "transformers")},
+    )
