@@ -107,7 +107,7 @@ class PagedKVCache(Cache):
 
         self.shape = KVShape.from_config(config)
         self.block_size = block_size
-        self.max_batch_size = max_batch_size
+        self.batch_capacity = max_batch_size  # not max_batch_size: transformers 5.17's Cache has that property
         self.allocator = BlockAllocator(num_blocks, block_size)
         pool_shape = (self.shape.num_layers, num_blocks, block_size, self.shape.num_kv_heads, self.shape.head_dim)
         self.k_pages = torch.empty(pool_shape, dtype=dtype, device=device)
@@ -290,8 +290,8 @@ class PagedKVCache(Cache):
         write_to_pages(key, value, self.k_pages[layer_idx], self.v_pages[layer_idx], self._step_slots)
 
     def _begin_prompt(self, batch, tokens, attention_mask):
-        if batch > self.max_batch_size:
-            raise ValueError(f"batch of {batch} sequences, but the cache was built for max_batch_size={self.max_batch_size}")
+        if batch > self.batch_capacity:
+            raise ValueError(f"batch of {batch} sequences, but the cache was built for max_batch_size={self.batch_capacity}")
         real = _real_tokens(attention_mask, batch, tokens, self.k_pages.device)
         lengths = real.sum(-1).tolist()  # one sync per prompt, none per decode step
         plans = self.allocator.extend(dict(enumerate(lengths)), window=self.shape.sliding_window)

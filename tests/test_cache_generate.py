@@ -1,0 +1,153 @@
+"""PagedKVCache inside `generate`: same tokens as the default cache, and the block accounting.
+
+Tiny random models (two layers, fp32) keep the interpreter fast; prompts are left-padded so
+that padding, windows shorter than the sequences and sequences ending early all occur.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from hf_attn_patch.cache import CacheFullError, PagedKVCache
+from hf_attn_patch.cache.paged import KVShape
+from tests.cache_models import patched
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              pad_token_id=0, eos_token_id=1)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
+
+
+def tiny_mistral(window=6):
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(**COMMON, sliding_window=window)).eval()
+
+
+def left_padded_prompts(lengths, width, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, COMMON["vocab_size"], (len(lengths), width), generator=generator)
+    mask = (torch.arange(width)[None, :] >= width - torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+def generate(model, ids, mask, new_tokens, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                          do_sample=False, **kwargs)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_mistral], ids=["llama", "mistral-window"])
+def test_same_tokens_as_default_cache(make_model):
+    model = make_model()
+    ids, mask = left_padded_prompts([7, 3, 5], width=7)
+    expected = generate(model, ids, mask, 8, eos_token_id=None)  # stock attention, default cache
+    cache = PagedKVCache(model, max_batch_size=4, num_blocks=16, block_size=4)
+    with patched(model):
+        got = generate(model, ids, mask, 8, eos_token_id=None, past_key_values=cache)
+    assert torch.equal(got, expected)
+
+    stats = cache.stats()
+    lengths = [7 + 7, 3 + 7, 5 + 7]  # prompt + generated tokens written (the last is not)
+    window = model.config.sliding_window if isinstance(model, MistralForCausalLM) else None
+    if window is None:  # every token held; whole blocks only; no padding stored
+        assert stats["blocks_used"] == sum(-(-n // 4) for n in lengths)
+    else:  # only the blocks the window still sees are held
+        assert stats["blocks_used"] <= len(lengths) * (-(-window // 4) + 1)
+    assert stats["tokens"] == sum(lengths)
+    cache.allocator.check_invariants()
+
+
+def test_left_padding_takes_no_pages():
+    model = tiny_llama()
+    ids, mask = left_padded_prompts([9, 1, 4], width=9)
+    cache = PagedKVCache(model, max_batch_size=3, num_blocks=8, block_size=4)
+    with patched(model):
+        generate(model, ids, mask, 1, past_key_values=cache, eos_token_id=None)  # the prompt only
+    assert [len(cache.allocator.blocks_of(row)) for row in range(3)] == [3, 1, 1]
+    assert cache.stats()["tokens"] == 9 + 1 + 4
+
+
+def test_finished_sequences_give_blocks_back():
+    """Rows that emit EOS at different steps release their blocks at that step; the tokens
+    match the default cache with the same EOS."""
+    model = tiny_llama()
+    ids, mask = left_padded_prompts([6, 4, 5], width=6, seed=1)
+    free_run = generate(model, ids, mask, 8, eos_token_id=None)[:, 6:]
+    # EOS = row 0's third token: row 0 ends at step 3, the others later (or never).
+    eos = int(free_run[0, 2])
+    expected = generate(model, ids, mask, 8, eos_token_id=eos, pad_token_id=0)
+    finished_at = [next((i for i, t in enumerate(row.tolist()) if t == eos), None) for row in free_run]
+    assert len(set(finished_at)) > 1, "the test needs rows finishing at different steps"
+
+    cache = PagedKVCache(model, max_batch_size=3, num_blocks=20, block_size=2)
+    seen = []
+
+    class Watch:  # records the cache's blocks after every step, after the release
+        def __call__(self, input_ids, scores, **kwargs):
+            seen.append([len(cache.allocator.blocks_of(r)) for r in range(3)])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with patched(model):
+        got = generate(model, ids, mask, 8, eos_token_id=eos, pad_token_id=0, past_key_values=cache,
+                       stopping_criteria=[cache.release_finished(eos), Watch()])
+    assert torch.equal(got, expected)
+    for row, step in enumerate(finished_at):
+        if step is not None:  # from the step it emitted EOS on, the row holds nothing
+            assert all(blocks[row] == 0 for blocks in seen[step:]), (row, seen)
+            assert seen[step - 1][row] > 0 if step > 0 else True
+    cache.allocator.check_invariants()
+    assert cache.stats()["blocks_used"] == sum(seen[-1])
+
+
+def test_cache_full_error_leaves_the_cache_consistent():
+    model = tiny_llama()
+    ids, mask = left_padded_prompts([8, 5], width=8)
+    cache = PagedKVCache(model, max_batch_size=2, num_blocks=5, block_size=4)
+    # Prompt: 2 + 2 blocks. Step 1 takes the last block (row 0's token 8); step 4 needs one
+    # more for row 1's token 8 and fails.
+    with patched(model), pytest.raises(CacheFullError) as info:
+        generate(model, ids, mask, 10, past_key_values=cache, eos_token_id=None)
+    error = info.value
+    assert (error.blocks_needed, error.blocks_free, error.blocks_total) == (1, 0, 5)
+    cache.allocator.check_invariants()
+    assert cache.stats()["tokens"] == 8 + 5 + 3 * 2  # the step that did not fit left no trace
+    cache.reset()
+    assert cache.stats()["blocks_used"] == 0
+    with patched(model):  # a reset cache serves a new prompt
+        generate(model, ids[:1], mask[:1], 2, past_key_values=cache, eos_token_id=None)
+
+
+def test_unpatched_model_is_refused():
+    model = tiny_llama()
+    ids, mask = left_padded_prompts([3], width=3)
+    cache = PagedKVCache(model, max_batch_size=1, num_blocks=4, block_size=4)
+    with pytest.raises(RuntimeError, match="patch_model"):
+        generate(model, ids, mask, 3, past_key_values=cache, eos_token_id=None)
+
+
+def test_shapes_from_configs():
+    from transformers import FalconConfig
+
+    assert KVShape.from_config(LlamaConfig(**COMMON)) == KVShape(2, 2, 16, None)
+    assert KVShape.from_config(MistralConfig(**COMMON, sliding_window=6)) == KVShape(2, 2, 16, 6)
+    falcon = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    assert KVShape.from_config(FalconConfig(**falcon, multi_query=True)).num_kv_heads == 1
+    assert KVShape.from_config(FalconConfig(**falcon, multi_query=False)).num_kv_heads == 4
+    grouped = FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2)
+    assert KVShape.from_config(grouped).num_kv_heads == 2
+
+
+def test_pool_size_and_stats():
+    model = tiny_llama()
+    cache = PagedKVCache(model, max_batch_size=2, max_tokens=100, block_size=16)
+    stats = cache.stats()
+    assert stats["blocks_total"] == 7 and stats["blocks_free"] == 7
+    assert stats["bytes_per_block"] == 2 * 2 * 16 * 2 * 16 * 4  # K+V, layers, slots, heads, dim, fp32
+    assert cache.k_pages.shape == (2, 7, 16, 2, 16)
+    with pytest.raises(ValueError, match="exactly one"):
+        PagedKVCache(model, max_batch_size=2)
