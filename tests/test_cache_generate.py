@@ -6,17 +6,44 @@ that padding, windows shorter than the sequences and sequences ending early all 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from hf_attn_patch.cache import CacheFullError, PagedKVCache
+from hf_attn_patch.cache import CacheFullError, PagedKVCache, paged_decode_or_none
 from hf_attn_patch.cache.paged import KVShape
-from tests.cache_models import patched
+from hf_attn_patch.kernels import flash_attention
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
               pad_token_id=0, eos_token_id=1)
+
+
+# --- stand-in for patch_model until the patch layer lands: the hook call, then flash ----------
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    out = paged_decode_or_none(module, query, key, value, attention_mask, scale=scaling, window=sliding_window)
+    if out is None:
+        out = flash_attention(query, key, value, causal=True, window=sliding_window,
+                              key_padding_mask=attention_mask, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("paged_cache_test", _attention)
+AttentionMaskInterface.register("paged_cache_test", flash_attention_mask)
+
+
+@contextlib.contextmanager
+def patched(model):
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "paged_cache_test"
+    try:
+        yield model
+    finally:
+        model.config._attn_implementation = previous
 
 
 def tiny_llama():
