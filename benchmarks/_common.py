@@ -86,7 +86,7 @@ def measure_ceilings(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     return [
-        _matmul_ceiling(device, 8192 if on_gpu else 512, warmup_ms, rep_ms),
+        _matmul_ceiling(device, 8192 if on_gpu else 256, warmup_ms, rep_ms),
         _copy_ceiling(device, 2**30 if on_gpu else 2**26, warmup_ms, rep_ms),
     ]
 
