@@ -7,7 +7,8 @@ backward (the difference of the two) in ms and TFLOP/s, together with the machin
 (bf16 matmul, device copy), appends the rows to `<out>/kernels-<date>-<device>.json`, prints a
 table and the issue-2 targets, and draws the plots (`plot.py`).
 
-    python benchmarks/kernels.py                 # the full run (~5 min on an H100)
+    python benchmarks/kernels.py                 # the full run (~7 min on an H100, cold caches)
+    python benchmarks/kernels.py --d 128         # D = 128 only: 265 s on the H100, 2026-11-23
     python benchmarks/kernels.py --quick         # one small shape per mode
     python benchmarks/kernels.py --dry-run       # CPU, tiny shapes: checks the harness only
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -58,6 +60,7 @@ MODES = ("noncausal", "causal", "window")
 PROVIDERS = ("ours", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 MAX_REL_ERROR = 2e-2  # bf16 output vs the SDPA reference
 BACKWARD_FLOP_FACTOR = 2.5
+TORCH_WARNING_SOURCE = re.compile(r"\s*\(Triggered internally at [^)]*\)")  # noise in an error cell
 
 # Captured output (a log, a remote run) is not a terminal: rich would wrap it at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -273,7 +276,7 @@ def bench_provider(provider, shape: Shape, case: Case, tensors, expected, settin
 
 def failure(exc: Exception, caught: list) -> str:
     """The error, plus SDPA's warnings, which are where it says why a backend was refused."""
-    reasons = [str(w.message).strip() for w in caught if w.category is UserWarning]
+    reasons = [TORCH_WARNING_SOURCE.sub("", str(w.message)).strip() for w in caught if w.category is UserWarning]
     text = error_string(exc) + (f" ({' '.join(reasons)})" if reasons else "")
     return text if len(text) <= 400 else text[:397] + "..."
 

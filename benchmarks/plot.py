@@ -86,10 +86,11 @@ def draw_panel(ax, rows: list[dict], title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("N (tokens per sequence)")
     ax.set_ylabel("TFLOP/s")
-    ax.set_ylim(bottom=0)
+    top = max((r["tflops"] for r in rows), default=1)
+    ax.set_ylim(0, 1.1 * top)  # from zero, so heights compare; room above the highest line
     ax.grid(alpha=0.3)
     if providers:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")  # lines sit high: the bottom is free
 
 
 def case_label(mode: str, window: int) -> str:
