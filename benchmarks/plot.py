@@ -4,7 +4,8 @@
 
 One PNG per (head dim, query heads / KV heads), next to the JSON unless --out says otherwise:
 a grid of panels, one per mode (rows) and pass (columns), TFLOP/s against N with a line per
-provider. A results file accumulates runs; only the newest run is drawn.
+provider. A results file accumulates runs; each point is the newest measurement of its row, so
+runs split by head dim or mode (`kernels.py --d 64`, then `--d 128`) draw together.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-from _common import latest_run, read_results
+from _common import read_results
 
 PASSES = ("fwd", "bwd")
+ROW_KEY = ("kernel", "provider", "mode", "window", "pass", "B", "H", "Hkv", "N", "D")
 PROVIDER_ORDER = ("ours", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 
 
@@ -33,7 +35,7 @@ def plot_results(results: Path, out_dir: Path | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
-    rows = latest_run(read_results(results))
+    rows = newest_per_row(read_results(results))
     measured = [r for r in rows if r["kernel"] == "flash_attention" and r.get("tflops") is not None]
     ceiling = next((r for r in rows if r.get("provider") == "matmul-bf16"), None)
     out_dir = Path(out_dir or Path(results).parent)
@@ -51,6 +53,14 @@ def plot_results(results: Path, out_dir: Path | None = None) -> list[Path]:
         draw_figure(config_rows, title, png)
         pngs.append(png)
     return pngs
+
+
+def newest_per_row(rows: list[dict]) -> list[dict]:
+    """For each (provider, mode, window, pass, shape), the row of the newest run; ceilings too."""
+    newest = {}
+    for row in sorted(rows, key=lambda r: r.get("run_id", "")):
+        newest[tuple(row.get(field) for field in ROW_KEY)] = row
+    return list(newest.values())
 
 
 def draw_figure(rows: list[dict], title: str, png: Path) -> None:
