@@ -5,3 +5,14 @@
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["patch_model", "unpatch_model", "patched", "is_patched"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `import hf_attn_patch.kernels` does not pull in transformers.
+    if name in __all__:
+        from . import patch
+
+        return getattr(patch, name)
+    raise AttributeError(f"module 'hf_attn_patch' has no attribute {name!r}")

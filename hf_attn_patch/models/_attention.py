@@ -1,0 +1,103 @@
+"""The one call every patched family ends in, and what the stock-path fallbacks share.
+
+`attend` is the single place where a patched model's attention reaches the kernels: the
+transformers-interface families (Llama, Mistral, BERT) and Falcon's swapped forward all call it.
+Dispatch that depends on where K/V live (a paged KV cache's decode, for one) belongs here, so
+that it is added once for every family.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..kernels import flash_attention
+from ..kernels.reference import visibility
+
+__all__ = ["attend", "align_to_keys", "dense_mask", "warn_once"]
+
+
+def attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    causal: bool,
+    window: int | tuple[int, int] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one patched module: q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> (B, Nq, Hq, D).
+
+    Semantics are the kernels' (DESIGN.md, "The one attention call"): bottom-right aligned
+    queries, K/V heads shared by groups of query heads without being expanded. The result comes
+    back as (B, Nq, Hq, D), the layout transformers' attention functions return; the kernel
+    writes its output in that layout, so the transpose costs nothing.
+    """
+    out = flash_attention(
+        query,
+        key,
+        value,
+        causal=causal,
+        window=window,
+        key_padding_mask=key_padding_mask,
+        alibi_slopes=alibi_slopes,
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
+def align_to_keys(
+    key_padding_mask: torch.Tensor | None, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Match our mask entry's (B, n) mask of positions [0, n) with K/V of length Nk.
+
+    n > Nk: a sliding-window cache returned only the last Nk positions; keep their columns.
+    n < Nk: prefill into a static cache, whose slots from n on are not written yet; cut K/V.
+    """
+    if key_padding_mask is None:
+        return None, key, value
+    n, k_len = key_padding_mask.shape[-1], key.shape[2]
+    if n > k_len:
+        return key_padding_mask[:, n - k_len :], key, value
+    if n < k_len:
+        return key_padding_mask, key[:, :, :n], value[:, :, :n]
+    return key_padding_mask, key, value
+
+
+def dense_mask(
+    q_len: int,
+    key: torch.Tensor,
+    *,
+    causal: bool,
+    window: int | tuple[int, int] | None,
+    key_padding_mask: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The additive (B or 1, 1, Nq, Nk) mask that eager attention needs for the kernels' semantics.
+
+    Only the fallbacks build it (output_attentions, dropout in training): the kernel path never
+    materialises a mask of this size.
+    """
+    k_len = key.shape[2]
+    query_pos = torch.arange(q_len, device=key.device) + (k_len - q_len)
+    distance = query_pos[:, None] - torch.arange(k_len, device=key.device)[None, :]
+    visible = visibility(distance, causal=causal, window=window)[None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.to(device=key.device, dtype=torch.bool)[:, None, None, :]
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=key.device)
+    return torch.where(visible, torch.zeros((), dtype=dtype, device=key.device), blocked)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(reason: str, message: str) -> None:
+    """Warn the first time a fallback for `reason` happens in this process, then stay quiet."""
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(message, stacklevel=3)

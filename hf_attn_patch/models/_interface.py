@@ -1,0 +1,217 @@
+"""Our entries in transformers' attention and mask interfaces.
+
+Llama, Mistral and BERT call attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`
+and build their mask through `ALL_MASK_ATTENTION_FUNCTIONS[...]`. Registering both under
+`ATTN_IMPLEMENTATION` and pointing a model's config at that name moves its attention onto the
+kernels without copying modeling code. Falcon uses only the mask entry (its attention forward is
+swapped per instance), so that it too stops building a (B, 1, Nq, Nk) mask.
+
+The mask entry returns the 2-D key padding mask (or None when nothing is padded), never a
+(B, 1, Nq, Nk) mask. Mask patterns the kernel cannot express (packed sequences, custom overlays)
+get transformers' own sdpa mask, and the attention entry hands those calls to stock sdpa.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+from transformers import masking_utils
+from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from ._attention import align_to_keys, attend, dense_mask, warn_once
+
+# Deliberately free of "flash", "sdpa", "flex" and "paged": transformers switches behaviour on
+# those substrings of the implementation name.
+ATTN_IMPLEMENTATION = "hf_attn_patch"
+
+__all__ = ["ATTN_IMPLEMENTATION", "register", "attention_forward", "key_padding_mask"]
+
+
+def register() -> None:
+    """Make `ATTN_IMPLEMENTATION` known to transformers (idempotent, global, harmless to others)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, key_padding_mask)
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """AttentionInterface entry: q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> ((B, Nq, Hq, D), None)."""
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
+    window = kwargs.get("sliding_window")
+
+    if not (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)):
+        return _stock_with_dense_mask(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+
+    attention_mask, key, value = align_to_keys(attention_mask, key, value)
+
+    wants_weights = kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False)
+    if wants_weights or (dropout > 0 and module.training):
+        if wants_weights:
+            warn_once(
+                "output_attentions",
+                "hf_attn_patch: output_attentions=True is computed with the stock eager attention "
+                "(the kernel never forms the attention matrix); calls without it stay on the kernel.",
+            )
+        else:
+            warn_once(
+                "dropout",
+                f"hf_attn_patch: attention dropout in training mode (p={dropout}) is not implemented by "
+                "the kernel; such calls run on the stock eager attention. Set the config's attention "
+                "dropout to 0 to train on the kernel.",
+            )
+        mask = dense_mask(
+            query.shape[2], key, causal=causal, window=window, key_padding_mask=attention_mask, dtype=query.dtype
+        )
+        return _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs)
+
+    out = attend(module, query, key, value, causal=causal, window=window, key_padding_mask=attention_mask, scale=scaling)
+    return out, None
+
+
+def _stock_with_dense_mask(module, query, key, value, mask, scaling, dropout, kwargs):
+    """A (B, 1, Nq, Nk) mask came in (the caller's own, or packed sequences): stock attention."""
+    warn_once(
+        "dense_mask",
+        "hf_attn_patch: a 4-D attention mask (custom, or packed sequences without an attention "
+        "mask) cannot be expressed by the kernel; such calls run on the stock attention.",
+    )
+    if kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
+        if mask.dtype == torch.bool:
+            blocked = torch.full((), torch.finfo(query.dtype).min, dtype=query.dtype, device=mask.device)
+            mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=mask.device), blocked)
+        return _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs)
+    key, value = _expand_unknown_groups(module, query, key, value)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs):
+    key, value = _expand_unknown_groups(module, query, key, value)
+    return _family_eager(module)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _expand_unknown_groups(module, query, key, value):
+    """Stock functions expand K/V by `module.num_key_value_groups`; GQA-BERT has no such field."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and getattr(module, "num_key_value_groups", 1) != groups:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    return key, value
+
+
+def _family_eager(module: torch.nn.Module) -> Callable:
+    """The `eager_attention_forward` of the modeling file that defines the module (or a base)."""
+    for cls in type(module).__mro__:
+        eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+    raise RuntimeError(f"no stock eager attention found for {type(module).__name__}")
+
+
+# --- mask ---------------------------------------------------------------------------------------
+
+
+def key_padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """AttentionMaskInterface entry: a (B, n) boolean mask of key positions [0, n), or None.
+
+    transformers describes the keys as absolute positions [kv_offset, kv_offset + kv_length)
+    and the queries as [q_offset, q_offset + q_length). The kernel puts the queries at the last
+    keys, which is where they are with a dynamic or sliding-window cache; there n is the end of
+    the keys and `align_to_keys` takes the mask's last Nk columns. A static cache has unwritten
+    slots after the queries: a single decoding query keeps the static shape and masks them; a
+    block of queries gets n = the end of the queries, and `align_to_keys` cuts K/V to n.
+
+    The mask stays in absolute positions from 0 because generate() feeds what this returns
+    back in as the 2-D attention mask when the cache is compileable; it must mean the same then.
+    """
+    device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+    pattern = _pattern(mask_function)
+    if pattern is None:
+        rest = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
+        return masking_utils.sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            allow_is_causal_skip=False,
+            allow_is_bidirectional_skip=False,
+            **rest,
+        )
+
+    keys_end = kv_offset + kv_length
+    padding = None
+    if attention_mask is not None:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, :keys_end]
+
+    if pattern == "causal" and (isinstance(q_offset, torch.Tensor) or keys_end > q_offset + q_length):
+        if q_length == 1:
+            written = torch.arange(keys_end, device=device) <= q_offset
+            return written.expand(batch_size, -1) if padding is None else padding & written
+        if padding is None:
+            padding = torch.ones(batch_size, keys_end, dtype=torch.bool, device=device)
+        return padding[:, : int(q_offset) + q_length]
+
+    if padding is not None and not torch.compiler.is_compiling() and bool(padding[:, kv_offset:].all()):
+        return None
+    return padding
+
+
+_AND_CODE = masking_utils.and_masks(masking_utils.causal_mask_function).__code__
+_SLIDING_CODE = masking_utils.sliding_window_overlay(1).__code__
+
+
+def _pattern(mask_function: Callable | None) -> str | None:
+    """'causal' or 'bidirectional' for the plain patterns, None for anything the kernel cannot do.
+
+    The plain patterns are transformers' causal and bidirectional functions and the sliding
+    window (an `and_masks` of causal and the window overlay; the window itself reaches the
+    attention entry as its `sliding_window` argument). Anything else, packed sequences above all,
+    is None. Under torch.compile the closures cannot be inspected; there, as transformers itself
+    cannot tell packed rows from ordinary ones while tracing, the plain pattern is assumed.
+    """
+    if mask_function is None or mask_function is masking_utils.causal_mask_function:
+        return "causal"
+    if mask_function is masking_utils.bidirectional_mask_function:
+        return "bidirectional"
+    if torch.compiler.is_compiling():
+        return "causal"
+    parts = _closure_value(mask_function, _AND_CODE, "mask_functions")
+    if parts is not None and len(parts) == 2 and masking_utils.causal_mask_function in parts:
+        overlay = parts[0] if parts[1] is masking_utils.causal_mask_function else parts[1]
+        if getattr(overlay, "__code__", None) is _SLIDING_CODE:
+            return "causal"
+    return None
+
+
+def _closure_value(function: Callable, code, name: str):
+    """The value of free variable `name` in a closure built from `code`, else None."""
+    if getattr(function, "__code__", None) is not code or function.__closure__ is None:
+        return None
+    return function.__closure__[code.co_freevars.index(name)].cell_contents

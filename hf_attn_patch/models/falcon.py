@@ -1,0 +1,162 @@
+"""Falcon in its three layouts: rotary + multi-query (Falcon-7B), rotary + grouped K/V with
+`new_decoder_architecture` (Falcon-40B/180B), and ALiBi + multi-head (Falcon-RW).
+
+Falcon does not call transformers' attention interface, so each attention module's `forward`
+is swapped, per instance, for `_falcon_forward`; the config still points at our implementation
+so that FalconModel asks our mask entry for its mask (2-D, not (B, 1, Nq, Nk)).
+
+Differences from the stock forward, on purpose:
+* With `new_decoder_architecture`, stock Falcon broadcasts K/V to every query head before it
+  caches them (128 heads a layer for Falcon-40B). Here the cache holds the KV groups only (8),
+  and the kernel reads each group for its query heads.
+* ALiBi slopes are those of `build_alibi_tensor` (bfloat16-rounded, as stock rounds them), but
+  the bias slope * (j - i) is formed in float32 inside the kernel, where stock rounds the product
+  slope * position to bfloat16; the two agree exactly while positions times slopes are exact in
+  bfloat16 and drift apart slightly on long sequences with non-power-of-two slopes.
+* Fallbacks (output_attentions=True; ALiBi attention dropout in training; a caller's 4-D mask)
+  compute eager attention in PyTorch on these same, grouped K/V rather than calling the stock
+  forward, which could not read the grouped cache (and whose eager ALiBi branch in
+  transformers 5.x adds the ALiBi bias twice). Rotary Falcon applies no attention dropout in
+  stock transformers, and neither does the kernel path.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers.models.falcon.modeling_falcon import (
+    FalconAttention,
+    FalconPreTrainedModel,
+    apply_rotary_pos_emb,
+    build_alibi_tensor,
+)
+
+from ._attention import align_to_keys, attend, dense_mask, warn_once
+from ._family import Family, Undo, head_dim_problem
+
+__all__ = ["FAMILY"]
+
+
+def _patch_module(module: FalconAttention) -> Undo:
+    """Swap this instance's forward for ours; return the function that puts the old one back."""
+    had_own_forward = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    slopes = _AlibiSlopes(module) if module.config.alibi else None
+
+    def forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
+                use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+        return _falcon_forward(self, slopes, hidden_states, alibi, attention_mask, layer_past,
+                               output_attentions, position_embeddings)
+
+    module.forward = types.MethodType(forward, module)
+
+    def undo() -> None:
+        if had_own_forward:
+            module.forward = previous
+        else:
+            del module.__dict__["forward"]
+
+    return undo
+
+
+def _falcon_forward(module, slopes, hidden_states, alibi, attention_mask, layer_past, output_attentions,
+                    position_embeddings):
+    batch, q_len, _ = hidden_states.shape
+    query, key, value = _split_heads(module, module.query_key_value(hidden_states))
+    if alibi is None:
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, module.layer_idx)
+
+    dense_given = attention_mask is not None and attention_mask.dim() != 2
+    if not dense_given:
+        attention_mask, key, value = align_to_keys(attention_mask, key, value)
+    alibi_slopes = slopes.on(query.device) if alibi is not None else None
+    dropout = module.attention_dropout.p if (module.training and alibi is not None) else 0.0
+
+    if dense_given or output_attentions or dropout > 0:
+        out, weights = _eager_fallback(module, query, key, value, attention_mask, alibi_slopes, dropout,
+                                       dense_given, output_attentions)
+    else:
+        out = attend(module, query, key, value, causal=True, key_padding_mask=attention_mask,
+                     alibi_slopes=alibi_slopes, scale=module.inv_norm_factor)
+        weights = None
+    return module.dense(out.reshape(batch, q_len, module.num_heads * module.head_dim)), weights
+
+
+def _split_heads(module: FalconAttention, fused: torch.Tensor):
+    """query (B, H, N, D) and key/value (B, Hkv, N, D), K/V with the heads the checkpoint has."""
+    batch, q_len, _ = fused.shape
+    heads, head_dim = module.num_heads, module.head_dim
+    if module.new_decoder_architecture:
+        qkv = fused.view(batch, q_len, module.num_kv_heads, heads // module.num_kv_heads + 2, head_dim)
+        query = qkv[:, :, :, :-2].reshape(batch, q_len, heads, head_dim)
+        key, value = qkv[:, :, :, -2], qkv[:, :, :, -1]
+    elif module.multi_query:
+        qkv = fused.view(batch, q_len, heads + 2, head_dim)
+        query, key, value = qkv[:, :, :-2], qkv[:, :, -2:-1], qkv[:, :, -1:]
+    else:
+        query, key, value = fused.view(batch, q_len, heads, 3, head_dim).unbind(3)
+    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+
+def _eager_fallback(module, query, key, value, attention_mask, alibi_slopes, dropout, dense_given,
+                    output_attentions):
+    if output_attentions:
+        warn_once("output_attentions", "hf_attn_patch: output_attentions=True is computed with eager "
+                  "attention in PyTorch (the kernel never forms the attention matrix); calls without "
+                  "it stay on the kernel.")
+    elif dropout > 0:
+        warn_once("dropout", f"hf_attn_patch: attention dropout in training mode (p={dropout}) is not "
+                  "implemented by the kernel; such calls run eager attention in PyTorch. Set the "
+                  "config's attention_dropout to 0 to train on the kernel.")
+    else:
+        warn_once("dense_mask", "hf_attn_patch: a 4-D attention mask cannot be expressed by the "
+                  "kernel; such calls run eager attention in PyTorch.")
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2)).float() * module.inv_norm_factor
+    if dense_given:
+        # FalconModel already folded ALiBi into a caller's 4-D mask.
+        mask = attention_mask
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        scores = scores + mask.float()
+    else:
+        if alibi_slopes is not None:
+            k_len, q_len = key.shape[2], query.shape[2]
+            distance = torch.arange(k_len, device=key.device)[None, :] - (
+                torch.arange(q_len, device=key.device)[:, None] + k_len - q_len)
+            scores = scores + alibi_slopes[:, None, None] * distance
+        scores = scores + dense_mask(query.shape[2], key, causal=True, window=None,
+                                     key_padding_mask=attention_mask, dtype=torch.float32)
+    probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training).to(query.dtype)
+    return (probs @ value).transpose(1, 2), (probs if output_attentions else None)
+
+
+class _AlibiSlopes:
+    """Per-head ALiBi slopes as the kernel takes them: stock's slopes times the score scale."""
+
+    def __init__(self, module: FalconAttention):
+        # build_alibi_tensor gives slope_h * position; at position 1 that is the slope, rounded
+        # exactly as stock rounds it.
+        slopes = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), module.num_heads, torch.float32)[:, 0, 1]
+        self._by_device = {slopes.device: slopes * module.inv_norm_factor}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._by_device:
+            self._by_device[device] = next(iter(self._by_device.values())).to(device)
+        return self._by_device[device]
+
+
+FAMILY = Family(
+    name="Falcon",
+    model_classes=(FalconPreTrainedModel,),
+    attention_classes=(FalconAttention,),
+    problem=lambda module: head_dim_problem(module, module.head_dim),
+    patch_module=_patch_module,
+)
