@@ -53,10 +53,12 @@ def convert_checkpoint(
     try:
         started = time.perf_counter()
         stats = write_checkpoint(source, plan, pool, staging, progress=progress)
-        seconds = time.perf_counter() - started
+        _flush_to_disk(staging)
+        seconds = time.perf_counter() - started  # until the data is on disk, not in the page cache
         verified = verify_checkpoint(staging, source, plan, verify_mode)
         report = _report(source, destination, plan, method, stats, seconds, verify_mode, verified)
         report.save(staging / REPORT_NAME)
+        _flush_to_disk(staging)
         _move_into_place(staging, destination, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -110,22 +112,38 @@ def _check_free_space(folder: Path, source: SourceCheckpoint) -> None:
         )
 
 
+def _flush_to_disk(folder: Path) -> None:
+    """fsync every file, then every folder, so that a crash after the rename cannot leave empty shards."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
 def _move_into_place(staging: Path, destination: Path, overwrite: bool) -> None:
-    if not destination.exists():
+    if destination.exists():
+        if not overwrite:  # appeared while we were writing
+            raise ConversionError(
+                f"destination {str(destination)!r} appeared during the conversion; nothing was replaced"
+            )
+        replaced = destination.with_name(f".{destination.name}.replaced-{uuid.uuid4().hex[:8]}")
+        destination.rename(replaced)
+        try:
+            staging.rename(destination)
+        except BaseException:
+            replaced.rename(destination)
+            raise
+        shutil.rmtree(replaced)
+    else:
         staging.rename(destination)
-        return
-    if not overwrite:  # appeared while we were writing
-        raise ConversionError(
-            f"destination {str(destination)!r} appeared during the conversion; nothing was replaced"
-        )
-    replaced = destination.with_name(f".{destination.name}.replaced-{uuid.uuid4().hex[:8]}")
-    destination.rename(replaced)
+    _fsync(destination.parent)  # makes the rename itself durable
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
     try:
-        staging.rename(destination)
-    except BaseException:
-        replaced.rename(destination)
-        raise
-    shutil.rmtree(replaced)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _report(
