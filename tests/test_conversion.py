@@ -39,51 +39,25 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SHARD_SIZE = "20KB"  # a 2-layer, hidden-64 model then spans 10-20 shards
 
 
+TINY = dict(
+    vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, max_position_embeddings=64
+)
+
+
 def _llama(**kw):
-    return LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        max_position_embeddings=64,
-        **kw,
-    )
+    return LlamaConfig(**{**TINY, "intermediate_size": 96, **kw})
 
 
 def _mistral(**kw):
-    return MistralConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        max_position_embeddings=64,
-        **kw,
-    )
+    return MistralConfig(**{**TINY, "intermediate_size": 96, **kw})
 
 
 def _falcon(**kw):
-    return FalconConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        max_position_embeddings=64,
-        **kw,
-    )
+    return FalconConfig(**{**TINY, **kw})
 
 
 def _bert(**kw):
-    return BertConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        max_position_embeddings=64,
-        **kw,
-    )
+    return BertConfig(**{**TINY, "intermediate_size": 96, **kw})
 
 
 @dataclass(frozen=True)
@@ -691,3 +665,42 @@ def test_python_dash_m_entry_point(sources, tmp_path):
     assert "8 -> 2 KV heads" in done.stdout
     refused = subprocess.run(command, capture_output=True, text=True)
     assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
+# --- converted models run on our kernels ------------------------------------------------------
+
+NEEDS_KERNELS = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="patch_model needs CUDA or TRITON_INTERPRET=1 on a CPU (./run test sets it)",
+)
+# Head dim 16, the smallest the kernels take. GQA-BERT is missing until the patch layer loads it.
+PATCH_CASES = {
+    "llama-mha-to-gqa": Case(LlamaForCausalLM, _llama(num_key_value_heads=4, num_attention_heads=4), 2),
+    "mistral-window-to-mqa": Case(
+        MistralForCausalLM, _mistral(num_key_value_heads=4, num_attention_heads=4, sliding_window=4), 1
+    ),
+    "falcon-multi-head-to-grouped": Case(
+        FalconForCausalLM, _falcon(multi_query=False, parallel_attn=True, num_attention_heads=4), 2
+    ),
+    "falcon-grouped-to-mqa": Case(
+        FalconForCausalLM, _falcon(new_decoder_architecture=True, num_kv_heads=4, num_attention_heads=4), 1
+    ),
+}
+
+
+@NEEDS_KERNELS
+@pytest.mark.parametrize("name", PATCH_CASES)
+def test_converted_model_patched_matches_unpatched(tmp_path, name):
+    from hf_attn_patch import patch_model
+
+    from .helpers import relative_error
+
+    case = PATCH_CASES[name]
+    convert_checkpoint(_save(case, tmp_path / "src"), tmp_path / "dst", num_kv_heads=case.groups)
+    model = case.model_class.from_pretrained(tmp_path / "dst").eval()
+    input_ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        patch_model(model)
+        actual = model(input_ids=input_ids).logits
+    assert relative_error(actual, expected) < 1e-4

@@ -150,8 +150,8 @@ def _report(
     source, destination, plan: ConversionPlan, method, stats, seconds, verify_mode, verified
 ) -> ConversionReport:
     return ConversionReport(
-        source=str(source.root),
-        destination=str(destination),
+        source=str(source.root.resolve()),
+        destination=str(destination.resolve()),
         family=plan.family,
         layout=plan.layout,
         method=method,
