@@ -6,44 +6,24 @@ that padding, windows shorter than the sequences and sequences ending early all 
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
-from hf_attn_patch.cache import CacheFullError, PagedKVCache, paged_decode_or_none
+from hf_attn_patch import patched
+from hf_attn_patch.cache import CacheFullError, PagedKVCache
 from hf_attn_patch.cache.paged import KVShape
-from hf_attn_patch.kernels import flash_attention
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
               pad_token_id=0, eos_token_id=1)
-
-
-# --- stand-in for patch_model until the patch layer lands: the hook call, then flash ----------
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
-    out = paged_decode_or_none(module, query, key, value, attention_mask, scale=scaling, window=sliding_window)
-    if out is None:
-        out = flash_attention(query, key, value, causal=True, window=sliding_window,
-                              key_padding_mask=attention_mask, scale=scaling)
-    return out.transpose(1, 2), None
-
-
-AttentionInterface.register("paged_cache_test", _attention)
-AttentionMaskInterface.register("paged_cache_test", flash_attention_mask)
-
-
-@contextlib.contextmanager
-def patched(model):
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = "paged_cache_test"
-    try:
-        yield model
-    finally:
-        model.config._attn_implementation = previous
 
 
 def tiny_llama():
@@ -54,6 +34,27 @@ def tiny_llama():
 def tiny_mistral(window=6):
     torch.manual_seed(0)
     return MistralForCausalLM(MistralConfig(**COMMON, sliding_window=window)).eval()
+
+
+FALCON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, pad_token_id=0, eos_token_id=1)
+
+
+def tiny_falcon_multi_query():  # Falcon-7B layout: rotary, one K/V head
+    torch.manual_seed(0)
+    return FalconForCausalLM(FalconConfig(**FALCON, multi_query=True, parallel_attn=True, bias=False)).eval()
+
+
+def tiny_falcon_grouped():  # Falcon-40B layout: rotary, grouped K/V
+    torch.manual_seed(0)
+    return FalconForCausalLM(FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=2,
+                                          parallel_attn=True, bias=False)).eval()
+
+
+def tiny_falcon_alibi():  # Falcon-RW layout: ALiBi, one K/V head per query head
+    torch.manual_seed(0)
+    return FalconForCausalLM(FalconConfig(**FALCON, alibi=True, multi_query=False, parallel_attn=False,
+                                          bias=True)).eval()
 
 
 def left_padded_prompts(lengths, width, seed=0):
@@ -68,7 +69,16 @@ def generate(model, ids, mask, new_tokens, **kwargs):
                           do_sample=False, **kwargs)
 
 
-@pytest.mark.parametrize("make_model", [tiny_llama, tiny_mistral], ids=["llama", "mistral-window"])
+MODELS = [
+    pytest.param(tiny_llama, id="llama"),
+    pytest.param(tiny_mistral, id="mistral-window"),
+    pytest.param(tiny_falcon_multi_query, id="falcon-multi-query"),
+    pytest.param(tiny_falcon_grouped, id="falcon-grouped"),
+    pytest.param(tiny_falcon_alibi, id="falcon-alibi"),
+]
+
+
+@pytest.mark.parametrize("make_model", MODELS)
 def test_same_tokens_as_default_cache(make_model):
     model = make_model()
     ids, mask = left_padded_prompts([7, 3, 5], width=7)
@@ -80,7 +90,7 @@ def test_same_tokens_as_default_cache(make_model):
 
     stats = cache.stats()
     lengths = [7 + 7, 3 + 7, 5 + 7]  # prompt + generated tokens written (the last is not)
-    window = model.config.sliding_window if isinstance(model, MistralForCausalLM) else None
+    window = getattr(model.config, "sliding_window", None)
     if window is None:  # every token held; whole blocks only; no padding stored
         assert stats["blocks_used"] == sum(-(-n // 4) for n in lengths)
     else:  # only the blocks the window still sees are held

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from ..cache import paged_decode_or_none
 from ..kernels import flash_attention
 from ..kernels.reference import visibility
 
@@ -37,6 +38,11 @@ def attend(
     back as (B, Nq, Hq, D), the layout transformers' attention functions return; the kernel
     writes its output in that layout, so the transpose costs nothing.
     """
+    # A decode step whose K/V live in a PagedKVCache reads them from its pages (hf_attn_patch.cache).
+    paged = paged_decode_or_none(module, query, key, value, key_padding_mask,
+                                 scale=scale, window=window, alibi_slopes=alibi_slopes)
+    if paged is not None:
+        return paged.transpose(1, 2)
     out = flash_attention(
         query,
         key,
