@@ -667,6 +667,17 @@ def test_python_dash_m_entry_point(sources, tmp_path):
     assert refused.returncode == 2 and "already exists" in refused.stderr
 
 
+def test_conversion_imports_neither_kernels_nor_transformers():
+    """Layering (DESIGN.md): transformers is imported only to verify, the kernels never."""
+    code = (
+        "import sys, hf_attn_patch.conversion; "
+        "layers = ('hf_attn_patch.kernels', 'transformers', 'triton'); "
+        "print(sorted(m for m in sys.modules if m.startswith(layers)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 # --- converted models run on our kernels ------------------------------------------------------
 
 NEEDS_KERNELS = pytest.mark.skipif(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -136,19 +137,17 @@ def _run_forward(model) -> None:
         raise ConversionError("the converted model loads but its forward pass gives non-finite outputs")
 
 
-class _quiet_transformers:
+@contextmanager
+def _quiet_transformers():
     """Hide transformers' loading progress bars and info logs during verification."""
+    from transformers.utils import logging
 
-    def __enter__(self):
-        from transformers.utils import logging
-
-        self._logging = logging
-        self._bars_were_on = logging.is_progress_bar_enabled()
-        self._verbosity = logging.get_verbosity()
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
-
-    def __exit__(self, *exc):
-        if self._bars_were_on:
-            self._logging.enable_progress_bar()
-        self._logging.set_verbosity(self._verbosity)
+    bars_were_on, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            logging.enable_progress_bar()
+        logging.set_verbosity(verbosity)
