@@ -1,5 +1,5 @@
-"""transformers' continuous batching (generate_batch) on our kernels: same tokens as its stock
-paged path, on a tiny Llama and a tiny Mistral whose window is shorter than the sequences.
+"""transformers' continuous batching (generate_batch) of a patched model on our kernels: same
+tokens as its stock paged path, on a tiny Llama and a tiny Mistral whose window is shorter than the sequences.
 
 The batch config is tiny (16 tokens a step) so prompts are chunked and prompt chunks share
 steps with decoding requests, the mixes the packed attention has to get right.
@@ -14,10 +14,12 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+from hf_attn_patch import is_patched, patch_model
 from hf_attn_patch.cache import continuous_batching
 from hf_attn_patch.cache import batching as cb_module
 from hf_attn_patch.cache.batching import varlen_decode_attention
 from hf_attn_patch.kernels import attention_reference
+from hf_attn_patch.models import ATTN_IMPLEMENTATION
 from tests.helpers import relative_error
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -39,12 +41,6 @@ def run_batch(model, prompts):
     return {request: results[request].generated_tokens for request in results}
 
 
-def use_our_entry(model):
-    """What a patched model looks like to continuous batching, without the patch layer."""
-    if cb_module._prefixes_paged():
-        model.config._attn_implementation = cb_module.PAGED_PREFIX_NAME
-
-
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_generate_batch_matches_stock_paged_path(kind):
     generator = torch.Generator().manual_seed(1)
@@ -53,13 +49,13 @@ def test_generate_batch_matches_stock_paged_path(kind):
     stock.set_attn_implementation("sdpa")
     expected = run_batch(stock, prompts)
 
-    model = make_model(kind)
-    use_our_entry(model)
+    model = patch_model(make_model(kind))
     with mock.patch.object(cb_module, "paged_attention", wraps=cb_module.paged_attention) as kernel:
         with continuous_batching(model):
             got = run_batch(model, prompts)
     assert kernel.call_count > 0, "continuous batching did not reach our kernel"
     assert got == expected
+    assert is_patched(model) and model.config._attn_implementation == ATTN_IMPLEMENTATION  # restored
 
 
 def test_varlen_decode_attention_matches_reference(device):
