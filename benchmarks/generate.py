@@ -1,0 +1,523 @@
+"""Generation benchmark: `generate` throughput, a bare decode step, and long-prompt prefill,
+stock attention implementations against the patched model, in one run.
+
+* generate, Llama-1B-shaped model (hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate
+  5632, vocab 32000, random bf16 weights): batch 1 with a 2048-token prompt and batch 16 with
+  512-token prompts, 128 new tokens each (min_new_tokens = max_new_tokens, so every provider
+  decodes the same count); one warm-up run, then the median of --repeats runs. Providers: stock
+  `sdpa`, `flex_attention`, `eager`, and `patched` (patch_model on the sdpa model); optionally
+  `patched-compiled` / `sdpa-compiled` (static cache, torch.compile fullgraph, reduce-overhead,
+  i.e. CUDA graphs). For the patched rows: how many Triton kernel variants the warm-up compiled
+  and how many more the timed runs compiled (0 means no per-length recompilation).
+* decode step, same model, batch 1 after a 2048-token prefill: wall time of one bare forward
+  (q_len 1, dynamic cache), and from torch.profiler the GPU busy time and kernel launches per step.
+* prefill, Mistral-shaped model cut to 4 layers (hidden 4096, 32 heads / 8 KV heads,
+  intermediate 14336, sliding_window 4096): one 16384-token forward, `sdpa` vs `patched`
+  (and `flex_attention` if selected).
+
+Every row that fails (a provider that cannot run, out of memory) is recorded with its error and
+the run goes on. Rows are appended to `<out>/generate-<date>-<device>.json`; a PNG with the same
+name is drawn next to it.
+
+    python benchmarks/generate.py                      # the full run (needs a CUDA GPU)
+    python benchmarks/generate.py --providers sdpa patched patched-compiled
+    TRITON_INTERPRET=1 python benchmarks/generate.py --quick   # tiny sizes: a CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from _common import RESULTS_DIR, environment, error_string, free_memory, write_results
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROVIDERS = ("sdpa", "flex_attention", "eager", "patched")
+COMPILED = ("patched-compiled", "sdpa-compiled")
+PREFILL_PROVIDERS = ("sdpa", "flex_attention", "patched")  # eager at 16k would form 16k x 16k scores per head
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int
+    prompt: int
+    new_tokens: int
+
+    @property
+    def label(self) -> str:
+        return f"B={self.batch} prompt={self.prompt} +{self.new_tokens}"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    llama: dict
+    workloads: tuple[Workload, ...]
+    mistral: dict
+    prefill_tokens: int
+    decode_steps: int
+    llama_label: str = "llama-1b-shape"
+    mistral_label: str = "mistral-shape-4-layers"
+    extra: dict = field(default_factory=dict)
+
+
+FULL = Sizes(
+    llama=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
+    workloads=(Workload(1, 2048, 128), Workload(16, 512, 128)),
+    mistral=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=32000, sliding_window=4096),
+    prefill_tokens=16384,
+    decode_steps=32,
+)
+QUICK = Sizes(
+    llama=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=128),
+    workloads=(Workload(1, 12, 3), Workload(2, 8, 3)),
+    mistral=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, sliding_window=8),
+    prefill_tokens=32,
+    decode_steps=2,
+    llama_label="llama-tiny",
+    mistral_label="mistral-tiny-1-layer",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        if not args.quick:
+            console.print("[red]The full run needs a CUDA GPU; use --quick (with TRITON_INTERPRET=1) on a CPU.[/red]")
+            return 2
+        # Triton picks its interpreter when a kernel is defined: before hf_attn_patch is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+    sizes = QUICK if args.quick else FULL
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    env = environment()
+    console.print(f"[bold]generate benchmark[/bold] on {env['device']}, {str(dtype).removeprefix('torch.')}, "
+                  f"torch {env['torch']}, transformers {_transformers_version()}")
+
+    rows: list[dict] = []
+    started = time.perf_counter()
+    with torch.no_grad():
+        rows += bench_generate(sizes, args.providers, device, dtype, args.repeats)
+        if not args.no_decode_profile:
+            rows += bench_decode_step(sizes, [p for p in args.providers if p in PROVIDERS], device, dtype)
+        if not args.no_prefill:
+            rows += bench_prefill(sizes, [p for p in PREFILL_PROVIDERS if p in args.providers], device, dtype,
+                                  args.repeats)
+    extra = {"transformers": _transformers_version(), "dtype": str(dtype).removeprefix("torch."),
+             "quick": args.quick}
+    rows = [{**env, **extra, **row} for row in rows]
+
+    path = write_results(rows, args.out, "generate")
+    print_tables(rows)
+    print_targets(rows)
+    if not args.no_plot:
+        try:
+            plot(rows, path.with_suffix(".png"))
+            console.print(f"plot: {path.with_suffix('.png')}")
+        except Exception as exc:  # the numbers are saved; a missing matplotlib must not lose them
+            console.print(f"[yellow]no plot: {error_string(exc)}[/yellow]")
+    console.print(f"results: {path} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (CPU with TRITON_INTERPRET=1)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + COMPILED, default=list(PROVIDERS),
+                        help=f"default {' '.join(PROVIDERS)}; add {' / '.join(COMPILED)} for static cache + "
+                        "torch.compile (reduce-overhead)")
+    parser.add_argument("--repeats", type=int, help="timed runs after the warm-up, median taken (default 3; 1 with --quick)")
+    parser.add_argument("--no-decode-profile", action="store_true", help="skip the bare decode-step rows")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the Mistral 16k prefill rows")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    return args
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+def bench_generate(sizes: Sizes, providers, device, dtype, repeats: int) -> list[dict]:
+    model = build("llama", sizes.llama, device, dtype)
+    rows = []
+    for workload in sizes.workloads:
+        inputs = random_prompts(workload.batch, workload.prompt, model.config.vocab_size, device)
+        stock_tokens = None
+        for provider in providers:
+            row = {"benchmark": "generate", "model": sizes.llama_label, "provider": provider,
+                   "batch": workload.batch, "prompt_len": workload.prompt, "new_tokens": workload.new_tokens}
+            console.print(f"generate {workload.label} {provider} ...")
+            try:
+                with provider_context(model, provider):
+                    settings = generate_settings(provider, workload, device)
+
+                    def run():
+                        return model.generate(**inputs, **settings)
+
+                    variants = compiled_kernel_variants()
+                    tokens, row["warmup_s"] = timed(run, device)
+                    after_warmup = compiled_kernel_variants()
+                    seconds = []
+                    for _ in range(repeats):
+                        tokens, elapsed = timed(run, device)
+                        seconds.append(elapsed)
+                    if variants is not None and provider.startswith("patched"):
+                        row["kernel_variants_compiled_in_warmup"] = after_warmup - variants
+                        row["kernel_variants_compiled_in_timed_runs"] = compiled_kernel_variants() - after_warmup
+                row["seconds"] = statistics.median(seconds)
+                row["seconds_all"] = seconds
+                row["tokens_per_s"] = workload.batch * workload.new_tokens / row["seconds"]
+                new = tokens[:, workload.prompt:]
+                if new.shape[1] != workload.new_tokens:
+                    raise RuntimeError(f"decoded {new.shape[1]} tokens, not {workload.new_tokens}")
+                if provider == "sdpa":
+                    stock_tokens = new
+                elif stock_tokens is not None:
+                    # bf16 on random weights: near-ties may flip; a sanity figure, not a test.
+                    row["new_tokens_same_as_sdpa"] = (new == stock_tokens).float().mean().item()
+            except Exception as exc:
+                row["error"] = error_string(exc)
+            finally:
+                free_memory()
+            rows.append(row)
+    del model
+    free_memory()
+    return rows
+
+
+def generate_settings(provider: str, workload: Workload, device) -> dict:
+    settings = dict(max_new_tokens=workload.new_tokens, min_new_tokens=workload.new_tokens, do_sample=False,
+                    pad_token_id=0)
+    if provider.endswith("-compiled"):
+        from transformers.generation.configuration_utils import CompileConfig
+
+        if device.type == "cuda":
+            config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        else:  # smoke run: no C++ toolchain needed
+            config = CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+            config._compile_all_devices = True
+        settings.update(cache_implementation="static", compile_config=config)
+    else:
+        settings.update(disable_compile=True)
+    return settings
+
+
+# --- decode step ---------------------------------------------------------------------------------
+
+
+def bench_decode_step(sizes: Sizes, providers, device, dtype) -> list[dict]:
+    """Batch 1 after the longest prompt: one bare forward per step, timed and then profiled."""
+    model = build("llama", sizes.llama, device, dtype)
+    prompt = max(w.prompt for w in sizes.workloads)
+    inputs = random_prompts(1, prompt, model.config.vocab_size, device)
+    rows = []
+    for provider in providers:
+        row = {"benchmark": "decode-step", "model": sizes.llama_label, "provider": provider, "batch": 1,
+               "prompt_len": prompt, "steps": sizes.decode_steps}
+        console.print(f"decode step after {prompt} tokens {provider} ...")
+        try:
+            with provider_context(model, provider):
+                decode_steps(model, inputs, 1, device)  # warm-up
+                step_s = decode_steps(model, inputs, sizes.decode_steps, device)
+                row["ms_per_step"] = 1e3 * statistics.median(step_s)
+                row.update(profile_decode(model, inputs, sizes.decode_steps, device))
+        except Exception as exc:
+            row["error"] = error_string(exc)
+        finally:
+            free_memory()
+        rows.append(row)
+    del model
+    free_memory()
+    return rows
+
+
+def decode_steps(model, inputs, steps: int, device) -> list[float]:
+    """Prefill, then `steps` single-token forwards; seconds of each forward."""
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    seconds = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+        next_ids = out.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def profile_decode(model, inputs, steps: int, device) -> dict:
+    """GPU busy time and kernel launches per decode step, from torch.profiler."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+            next_ids = out.logits[:, -1:].argmax(-1)
+        synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels)
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0))
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:5]
+    return {
+        "gpu_busy_ms_per_step": busy_us / 1e3 / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "top_kernels_ms_per_step": {name[:80]: us / 1e3 / steps for name, us in top},
+    }
+
+
+# --- prefill -------------------------------------------------------------------------------------
+
+
+def bench_prefill(sizes: Sizes, providers, device, dtype, repeats: int) -> list[dict]:
+    model = build("mistral", sizes.mistral, device, dtype)
+    inputs = random_prompts(1, sizes.prefill_tokens, model.config.vocab_size, device)
+    rows = []
+    for provider in providers:
+        row = {"benchmark": "prefill", "model": sizes.mistral_label, "provider": provider, "batch": 1,
+               "prompt_len": sizes.prefill_tokens, "window": model.config.sliding_window,
+               "layers": model.config.num_hidden_layers}
+        console.print(f"prefill {sizes.prefill_tokens} tokens {provider} ...")
+        try:
+            with provider_context(model, provider):
+                def run():
+                    return model(**inputs, use_cache=False, logits_to_keep=1)
+
+                timed(run, device)
+                seconds = [timed(run, device)[1] for _ in range(repeats)]
+            row["ms"] = 1e3 * statistics.median(seconds)
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        except Exception as exc:
+            row["error"] = error_string(exc)
+        finally:
+            free_memory()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        rows.append(row)
+    del model
+    free_memory()
+    return rows
+
+
+# --- shared --------------------------------------------------------------------------------------
+
+
+def build(family: str, shape: dict, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    config = config_class(**shape, max_position_embeddings=32768, pad_token_id=0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class(config).to(dtype)
+    return model.eval()
+
+
+def random_prompts(batch: int, length: int, vocab: int, device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, vocab, (batch, length), generator=generator).to(device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+@contextlib.contextmanager
+def provider_context(model, provider: str):
+    """The model runs `provider` inside the block and is back on stock sdpa after it."""
+    from hf_attn_patch import patch_model, unpatch_model
+
+    base = provider.removesuffix("-compiled")
+    if base == "patched":
+        patch_model(model)
+        try:
+            yield
+        finally:
+            unpatch_model(model)
+    else:
+        model.set_attn_implementation(base)
+        try:
+            yield
+        finally:
+            model.set_attn_implementation("sdpa")
+    torch._dynamo.reset()
+
+
+def compiled_kernel_variants() -> int | None:
+    """Compiled Triton kernels held by our kernel modules (None under the interpreter)."""
+    from hf_attn_patch.kernels import _flash_triton, _paged_triton
+
+    total, found = 0, False
+    for module in (_flash_triton, _paged_triton):
+        for obj in vars(module).values():
+            caches = getattr(getattr(obj, "fn", obj), "device_caches", None)  # autotuners wrap a JITFunction
+            if caches is not None:
+                found = True
+                total += sum(len(entry[0]) for entry in caches.values())
+    return total if found else None
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def print_tables(rows: list[dict]) -> None:
+    generate = [r for r in rows if r["benchmark"] == "generate"]
+    if generate:
+        table = Table(title="generate (tokens/s = batch x new tokens / wall time of generate)")
+        for column in ("workload", "provider", "s", "tok/s", "x sdpa", "same tokens", "kernel variants", "error"):
+            table.add_column(column, justify="left" if column in ("workload", "provider", "error") else "right")
+        for r in generate:
+            sdpa = _find(rows, "generate", "sdpa", r["batch"], r["prompt_len"])
+            ratio = r.get("tokens_per_s") / sdpa["tokens_per_s"] if r.get("tokens_per_s") and sdpa and sdpa.get(
+                "tokens_per_s") else None
+            variants = r.get("kernel_variants_compiled_in_warmup")
+            variants = "-" if variants is None else f"{variants} (+{r['kernel_variants_compiled_in_timed_runs']})"
+            table.add_row(f"B={r['batch']} prompt={r['prompt_len']} +{r['new_tokens']}", r["provider"],
+                          _cell(r.get("seconds"), ".2f"), _cell(r.get("tokens_per_s"), ".1f"), _cell(ratio, ".2f"),
+                          _cell(r.get("new_tokens_same_as_sdpa"), ".0%"), variants, r.get("error", ""))
+        console.print(table)
+    decode = [r for r in rows if r["benchmark"] == "decode-step"]
+    if decode:
+        table = Table(title="bare decode step, batch 1 (dynamic cache)")
+        for column in ("after prompt", "provider", "ms/step", "GPU busy ms/step", "kernels/step", "error"):
+            table.add_column(column, justify="left" if column in ("provider", "error") else "right")
+        for r in decode:
+            table.add_row(str(r["prompt_len"]), r["provider"], _cell(r.get("ms_per_step"), ".2f"),
+                          _cell(r.get("gpu_busy_ms_per_step"), ".2f"), _cell(r.get("kernels_per_step"), ".0f"),
+                          r.get("error", ""))
+        console.print(table)
+    prefill = [r for r in rows if r["benchmark"] == "prefill"]
+    if prefill:
+        table = Table(title=f"prefill, {prefill[0]['model']} (window {prefill[0]['window']}), batch 1")
+        for column in ("tokens", "provider", "ms", "x sdpa", "peak GiB", "error"):
+            table.add_column(column, justify="left" if column in ("provider", "error") else "right")
+        sdpa = next((r for r in prefill if r["provider"] == "sdpa" and r.get("ms")), None)
+        for r in prefill:
+            ratio = sdpa["ms"] / r["ms"] if sdpa and r.get("ms") else None
+            table.add_row(str(r["prompt_len"]), r["provider"], _cell(r.get("ms"), ".1f"), _cell(ratio, ".2f"),
+                          _cell(r.get("peak_memory_gib"), ".2f"), r.get("error", ""))
+        console.print(table)
+
+
+def print_targets(rows: list[dict]) -> None:
+    """Issue 3's targets: patched >= flex_attention and eager, >= 2.5x sdpa; <= 5 ms a compiled step."""
+    lines = []
+    for r in rows:
+        if r["benchmark"] != "generate" or not r["provider"].startswith("patched") or not r.get("tokens_per_s"):
+            continue
+        for other, factor in (("sdpa", 2.5), ("flex_attention", 1.0), ("eager", 1.0)):
+            stock = _find(rows, "generate", other, r["batch"], r["prompt_len"])
+            if stock and stock.get("tokens_per_s"):
+                need = factor * stock["tokens_per_s"]
+                mark = "[green]met[/green]" if r["tokens_per_s"] >= need else "[red]not met[/red]"
+                lines.append(f"B={r['batch']} {r['provider']}: {r['tokens_per_s']:.1f} tok/s vs "
+                             f"{factor:g} x {other} = {need:.1f}: {mark}")
+        if r["provider"] == "patched-compiled" and r["batch"] == 1:
+            step_ms = 1e3 * r["seconds"] / r["new_tokens"]
+            mark = "[green]met[/green]" if step_ms <= 5 else "[red]not met[/red]"
+            lines.append(f"B=1 patched-compiled: {step_ms:.2f} ms per generated token (prefill included) "
+                         f"vs 5 ms: {mark}")
+    if lines:
+        console.print("[bold]targets[/bold]")
+        for line in lines:
+            console.print("  " + line)
+
+
+def _find(rows, benchmark, provider, batch, prompt_len):
+    return next((r for r in rows if r["benchmark"] == benchmark and r["provider"] == provider
+                 and r["batch"] == batch and r["prompt_len"] == prompt_len), None)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    generate = [r for r in rows if r["benchmark"] == "generate"]
+    workloads = sorted({(r["batch"], r["prompt_len"], r["new_tokens"]) for r in generate})
+    panels = []  # (title, y label, [(provider, value)])
+    for batch, prompt, new in workloads:
+        bars = [(r["provider"], r.get("tokens_per_s")) for r in generate if (r["batch"], r["prompt_len"]) == (batch, prompt)]
+        panels.append((f"generate B={batch}, prompt {prompt}, +{new}", "tokens/s", bars))
+    decode = [r for r in rows if r["benchmark"] == "decode-step"]
+    if decode:
+        panels.append((f"decode step after {decode[0]['prompt_len']} tokens, B=1", "ms",
+                       [(r["provider"], r.get("ms_per_step")) for r in decode]))
+    prefill = [r for r in rows if r["benchmark"] == "prefill"]
+    if prefill:
+        panels.append((f"prefill {prefill[0]['prompt_len']} tokens, window {prefill[0]['window']}", "ms",
+                       [(r["provider"], r.get("ms")) for r in prefill]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (title, unit, bars) in zip(axes[0], panels):
+        names = [name for name, _ in bars]
+        ax.bar(names, [value or 0.0 for _, value in bars],
+               color=["tab:orange" if name.startswith("patched") else "tab:blue" for name in names])
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(unit)
+        ax.tick_params(axis="x", rotation=30)
+    device = rows[0]["device"] if rows else ""
+    fig.suptitle(f"{device}: {rows[0]['model'] if rows else ''} (missing bars: see errors in the JSON)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
