@@ -42,14 +42,14 @@ def run_batch(model, prompts):
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_generate_batch_matches_stock_paged_path(kind):
+def test_generate_batch_matches_stock_paged_path(kind, device):
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 96, (n,), generator=generator).tolist() for n in (5, 11, 3)]
-    stock = make_model(kind)
+    stock = make_model(kind).to(device)
     stock.set_attn_implementation("sdpa")
     expected = run_batch(stock, prompts)
 
-    model = patch_model(make_model(kind))
+    model = patch_model(make_model(kind).to(device))
     with mock.patch.object(cb_module, "paged_attention", wraps=cb_module.paged_attention) as kernel:
         with continuous_batching(model):
             got = run_batch(model, prompts)

@@ -65,8 +65,10 @@ def left_padded_prompts(lengths, width, seed=0):
 
 
 def generate(model, ids, mask, new_tokens, **kwargs):
+    """Greedy generate on the model's device; the tokens come back on the CPU."""
+    ids, mask = ids.to(model.device), mask.to(model.device)
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                          do_sample=False, **kwargs)
+                          do_sample=False, **kwargs).cpu()
 
 
 MODELS = [
@@ -79,8 +81,8 @@ MODELS = [
 
 
 @pytest.mark.parametrize("make_model", MODELS)
-def test_same_tokens_as_default_cache(make_model):
-    model = make_model()
+def test_same_tokens_as_default_cache(make_model, device):
+    model = make_model().to(device)
     ids, mask = left_padded_prompts([7, 3, 5], width=7)
     expected = generate(model, ids, mask, 8, eos_token_id=None)  # stock attention, default cache
     cache = PagedKVCache(model, max_batch_size=4, num_blocks=16, block_size=4)
@@ -99,8 +101,8 @@ def test_same_tokens_as_default_cache(make_model):
     cache.allocator.check_invariants()
 
 
-def test_left_padding_takes_no_pages():
-    model = tiny_llama()
+def test_left_padding_takes_no_pages(device):
+    model = tiny_llama().to(device)
     ids, mask = left_padded_prompts([9, 1, 4], width=9)
     cache = PagedKVCache(model, max_batch_size=3, num_blocks=8, block_size=4)
     with patched(model):
@@ -109,10 +111,10 @@ def test_left_padding_takes_no_pages():
     assert cache.stats()["tokens"] == 9 + 1 + 4
 
 
-def test_finished_sequences_give_blocks_back():
+def test_finished_sequences_give_blocks_back(device):
     """Rows that emit EOS at different steps release their blocks at that step; the tokens
     match the default cache with the same EOS."""
-    model = tiny_llama()
+    model = tiny_llama().to(device)
     ids, mask = left_padded_prompts([6, 4, 5], width=6, seed=1)
     free_run = generate(model, ids, mask, 8, eos_token_id=None)[:, 6:]
     # EOS = row 0's third token: row 0 ends at step 3, the others later (or never).
@@ -127,7 +129,7 @@ def test_finished_sequences_give_blocks_back():
     class Watch:  # records the cache's blocks after every step, after the release
         def __call__(self, input_ids, scores, **kwargs):
             seen.append([len(cache.allocator.blocks_of(r)) for r in range(3)])
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     with patched(model):
         got = generate(model, ids, mask, 8, eos_token_id=eos, pad_token_id=0, past_key_values=cache,
@@ -141,8 +143,8 @@ def test_finished_sequences_give_blocks_back():
     assert cache.stats()["blocks_used"] == sum(seen[-1])
 
 
-def test_cache_full_error_leaves_the_cache_consistent():
-    model = tiny_llama()
+def test_cache_full_error_leaves_the_cache_consistent(device):
+    model = tiny_llama().to(device)
     ids, mask = left_padded_prompts([8, 5], width=8)
     cache = PagedKVCache(model, max_batch_size=2, num_blocks=5, block_size=4)
     # Prompt: 2 + 2 blocks. Step 1 takes the last block (row 0's token 8); step 4 needs one
@@ -159,8 +161,8 @@ def test_cache_full_error_leaves_the_cache_consistent():
         generate(model, ids[:1], mask[:1], 2, past_key_values=cache, eos_token_id=None)
 
 
-def test_unpatched_model_is_refused():
-    model = tiny_llama()
+def test_unpatched_model_is_refused(device):
+    model = tiny_llama().to(device)
     ids, mask = left_padded_prompts([3], width=3)
     cache = PagedKVCache(model, max_batch_size=1, num_blocks=4, block_size=4)
     with pytest.raises(RuntimeError, match="patch_model"):
