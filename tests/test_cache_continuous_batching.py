@@ -34,25 +34,29 @@ def make_model(kind):
     return LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
 
 
-def run_batch(model, prompts):
+def run_batch(model, prompts, cuda_graphs=False):
     generation = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    config = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=16, use_cuda_graph=False)
+    config = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=16, use_cuda_graph=cuda_graphs)
     results = model.generate_batch(prompts, generation_config=generation, continuous_batching_config=config)
     return {request: results[request].generated_tokens for request in results}
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_generate_batch_matches_stock_paged_path(kind, device):
+@pytest.mark.parametrize(
+    "kind,cuda_graphs",
+    [("llama", False), ("mistral", False),
+     pytest.param("llama", True, marks=pytest.mark.gpu, id="llama-cuda-graphs")],
+)
+def test_generate_batch_matches_stock_paged_path(kind, cuda_graphs, device):
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 96, (n,), generator=generator).tolist() for n in (5, 11, 3)]
     stock = make_model(kind).to(device)
     stock.set_attn_implementation("sdpa")
-    expected = run_batch(stock, prompts)
+    expected = run_batch(stock, prompts, cuda_graphs)
 
     model = patch_model(make_model(kind).to(device))
     with mock.patch.object(cb_module, "paged_attention", wraps=cb_module.paged_attention) as kernel:
         with continuous_batching(model):
-            got = run_batch(model, prompts)
+            got = run_batch(model, prompts, cuda_graphs)
     assert kernel.call_count > 0, "continuous batching did not reach our kernel"
     assert got == expected
     assert is_patched(model) and model.config._attn_implementation == ATTN_IMPLEMENTATION  # restored
