@@ -5,8 +5,9 @@ Three sections, each row timed or measured on its own so one failure leaves the 
 * decode: `paged_attention` (bf16, 32 query / 8 KV heads, D = 128, 16-token blocks in shuffled
   order) for B in {1, 32, 64} x context {4k, 8k, 32k}, against torch SDPA on a contiguous cache
   (a query of length 1, enable_gqa=True) in the same run. Bandwidth = K + V bytes read / median
-  time, eager (`do_bench`) and CUDA-graph replayed (`do_bench_cudagraph`); rows `ours-p<P>`
-  sweep the flash-decoding partition size P, to tune the default (`ours` is the default choice).
+  time, eager (`do_bench`) and CUDA-graph replayed (`do_bench_cudagraph`). `ours` is the
+  default launch; rows `ours-p<P>` sweep the flash-decoding partition size and rows
+  `ours-n<BLOCK_N>w<warps>s<stages>` the launch config, to tune the defaults.
 * memory: 16 left-padded prompts of 128 ... 4096 tokens + 256 new tokens on the Llama-1B shape
   (random bf16 weights, patched): the KV bytes the default DynamicCache holds against those
   PagedKVCache uses (peak blocks), and the process's peak allocation above the weights for each.
@@ -68,6 +69,7 @@ class Settings:
     batches: list[int]
     contexts: list[int]
     partitions: list[int]
+    launches: list[str]
     warmup_ms: float
     rep_ms: float
 
@@ -106,6 +108,9 @@ def parse_args(argv):
     parser.add_argument("--contexts", nargs="+", type=int, help="decode context lengths (default 4096 8192 32768)")
     parser.add_argument("--partitions", nargs="+", type=int, default=[256, 512, 1024, 2048],
                         help="partition sizes to sweep (ours-p<P> rows); give 0 to skip the sweep")
+    parser.add_argument("--launches", nargs="+", default=["32x4x3", "64x4x3", "64x8x2", "128x8x2"],
+                        help="decode launch configs to sweep, BLOCK_N x warps x stages (ours-n..w..s.. rows); "
+                             "give 0 to skip")
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
@@ -124,6 +129,7 @@ def settings_from(args) -> Settings:
         batches=args.batches or ([1, 2] if quick else [1, 32, 64]),
         contexts=args.contexts or ([64, 200] if quick else [4096, 8192, 32768]),
         partitions=[] if args.partitions == [0] else ([64] if quick else args.partitions),
+        launches=[] if args.launches == ["0"] else (["32x4x1"] if quick else args.launches),
         warmup_ms=1 if quick else args.warmup_ms,
         rep_ms=5 if quick else args.rep_ms,
     )
@@ -164,7 +170,9 @@ def decode_rows(settings, batch, context, heads, kv_heads, head_dim, block_size=
     expected = F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
     got = paged_attention(q, k_pages, v_pages, table, seq_lens)
     error = relative_error(got, expected)
-    default_partition = _paged_triton._choose_partition_size(batch * kv_heads, blocks * block_size, 64, device)
+    default_launch = _paged_triton.default_launch(head_dim)
+    default_partition = _paged_triton._choose_partition_size(batch * kv_heads, blocks * block_size,
+                                                             default_launch.block_n, device)
 
     providers = {
         "ours": lambda: paged_attention(q, k_pages, v_pages, table, seq_lens),
@@ -174,14 +182,22 @@ def decode_rows(settings, batch, context, heads, kv_heads, head_dim, block_size=
         if size < context:
             providers[f"ours-p{size}"] = lambda size=size: _paged_triton.decode(
                 q, k_pages, v_pages, table, seq_lens, None, -1, head_dim ** -0.5, partition_size=size)
+    for spec in settings.launches:
+        block_n, warps, stages = (int(x) for x in spec.split("x"))
+        launch = _paged_triton.LaunchConfig(block_n, warps, stages)
+        providers[f"ours-n{block_n}w{warps}s{stages}"] = lambda launch=launch: _paged_triton.decode(
+            q, k_pages, v_pages, table, seq_lens, None, -1, head_dim ** -0.5, launch=launch)
     for provider, fn in providers.items():
         row = dict(provider=provider, batch=batch, context=context, heads=f"{heads}/{kv_heads}",
                    head_dim=head_dim, block_size=block_size, bytes=nbytes, error=None)
-        if provider == "ours":
-            row.update(rel_error=error, partition=default_partition)
-            if error > MAX_REL_ERROR:
-                row["error"] = f"wrong output: relative error {error:.2e} vs SDPA"
         try:
+            if provider == "ours":
+                row.update(partition=default_partition,
+                           launch=f"{default_launch.block_n}x{default_launch.num_warps}x{default_launch.num_stages}")
+            if provider.startswith("ours"):  # every variant must be right before it is timed
+                row["rel_error"] = error if provider == "ours" else relative_error(fn(), expected)
+                if row["rel_error"] > MAX_REL_ERROR:
+                    row["error"] = f"wrong output: relative error {row['rel_error']:.2e} vs SDPA"
             row["ms"] = do_bench_median(fn, settings.warmup_ms, settings.rep_ms)
             row["tbps"] = nbytes / (row["ms"] * 1e-3) / 1e12
             row["ms_graph"] = graph_median(fn, settings)
@@ -396,7 +412,8 @@ def print_tables(rows: list[dict]) -> None:
         for column in ("B", "context", "provider", "ms", "TB/s", "ms graph", "TB/s graph", "note"):
             table.add_column(column, justify="left" if column in ("provider", "note") else "right")
         for r in decode:
-            note = r.get("error") or (f"P={r['partition']}, err {r['rel_error']:.1e}" if "partition" in r else "")
+            note = r.get("error") or (f"P={r['partition']}, {r['launch']}, " if "partition" in r else "") + (
+                f"err {r['rel_error']:.1e}" if "rel_error" in r else "")
             table.add_row(str(r.get("batch")), str(r.get("context")), str(r.get("provider", "")),
                           fmt(r.get("ms"), "{:.3f}"), fmt(r.get("tbps"), "{:.2f}"),
                           fmt(r.get("ms_graph"), "{:.3f}"), fmt(r.get("tbps_graph"), "{:.2f}"), note)

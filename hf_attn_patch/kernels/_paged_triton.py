@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -30,9 +31,6 @@ from ._checks import interpreter_enabled
 
 LOG2E = 1.4426950408889634
 
-# Tokens per inner step of the decode loop. 64 rows of K and V (bf16, D=128) is 32 KiB per
-# step: enough bytes in flight per program while leaving shared memory for two stages.
-_BLOCK_N = {16: 64, 32: 64, 64: 64, 128: 64, 256: 32}
 # The smallest partition: below it the merge pass costs more than the parallelism buys.
 _MIN_PARTITION = 256
 # Rows of the tile: tl.dot needs at least 16.
@@ -49,8 +47,12 @@ def decode(
     window_left: int,
     scale: float,
     partition_size: int | None = None,
+    launch: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Launch the decode kernels; inputs are checked by the caller. Returns (B, Hq, D)."""
+    """Launch the decode kernels; inputs are checked by the caller. Returns (B, Hq, D).
+
+    partition_size and launch override the defaults (benchmarks sweep them to tune those).
+    """
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_pages.shape
     group = q_heads // kv_heads
@@ -58,7 +60,8 @@ def decode(
     if batch == 0:
         return out
 
-    block_n = _BLOCK_N.get(head_dim, 32 if head_dim > 128 else 64)
+    launch = launch or default_launch(head_dim)
+    block_n = launch.block_n
     context_bound = block_table.shape[1] * block_size  # static: never read seq_lens on the host
     if partition_size is None:
         partition_size = _choose_partition_size(batch * kv_heads, context_bound, block_n, q.device)
@@ -90,8 +93,8 @@ def decode(
         *out.stride(),
         kv_heads, num_partitions, partition_size, window_left, scale * LOG2E,
         SINGLE_PARTITION=single,
-        num_warps=4 if head_dim <= 128 else 8,
-        num_stages=2,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
         **meta,
     )
     if not single:
@@ -105,6 +108,21 @@ def decode(
             num_warps=4,
         )
     return out
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int  # tokens per inner step of the decode loop
+    num_warps: int
+    num_stages: int
+
+
+def default_launch(head_dim: int) -> LaunchConfig:
+    """64 tokens of K and V per step (bf16, D=128: 32 KiB) keeps enough bytes in flight per
+    program while two stages still fit shared memory; half that at D=256."""
+    if head_dim > 128:
+        return LaunchConfig(block_n=32, num_warps=8, num_stages=2)
+    return LaunchConfig(block_n=64, num_warps=4, num_stages=2)
 
 
 def empty_output(q: torch.Tensor) -> torch.Tensor:
