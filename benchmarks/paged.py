@@ -7,7 +7,9 @@ Three sections, each row timed or measured on its own so one failure leaves the 
   (a query of length 1, enable_gqa=True) in the same run. Bandwidth = K + V bytes read / median
   time, eager (`do_bench`) and CUDA-graph replayed (`do_bench_cudagraph`). `ours` is the
   default launch; rows `ours-p<P>` sweep the flash-decoding partition size and rows
-  `ours-n<BLOCK_N>w<warps>s<stages>` the launch config, to tune the defaults.
+  `ours-n<BLOCK_N>w<warps>s<stages>` the launch config, to tune the defaults. Graph replays do
+  not flush L2, so the small shapes (B = 1 at 4k / 8k: 17 / 34 MB of K+V) may read from L2
+  there; the eager numbers include the Python launch overhead, which decides B = 1 times.
 * memory: 16 left-padded prompts of 128 ... 4096 tokens + 256 new tokens on the Llama-1B shape
   (random bf16 weights, patched): the KV bytes the default DynamicCache holds against those
   PagedKVCache uses (peak blocks), and the process's peak allocation above the weights for each.
@@ -451,7 +453,8 @@ def print_targets(rows: list[dict]) -> None:
             elif r["batch"] == 1 and r["context"] == 32768:
                 goal = TARGET_TBPS_B1_32K
             if goal is not None:
-                lines.append((f"decode B={r['batch']} ctx={r['context']}", f"{tbps:.2f} TB/s", f">= {goal}", tbps >= goal))
+                value = f"{tbps:.2f} TB/s (eager {r['tbps']:.2f})" if r.get("tbps_graph") else f"{tbps:.2f} TB/s"
+                lines.append((f"decode B={r['batch']} ctx={r['context']}", value, f">= {goal}", tbps >= goal))
     stock = next((r for r in rows if str(r.get("provider", "")).startswith("stock") and r.get("tok_per_s")), None)
     ours = next((r for r in rows if str(r.get("provider", "")).startswith("ours") and r.get("section") == "throughput"
                  and r.get("tok_per_s")), None)
@@ -459,7 +462,7 @@ def print_targets(rows: list[dict]) -> None:
         speedup = ours["tok_per_s"] / stock["tok_per_s"]
         lines.append(("generate_batch ours / stock", f"{speedup:.2f}x", f">= {TARGET_SPEEDUP}x", speedup >= TARGET_SPEEDUP))
     if lines:
-        table = Table(title="issue 6 targets")
+        table = Table(title="issue 6 targets (decode: CUDA-graph replayed, i.e. without launch overhead)")
         for column in ("measure", "value", "target", "met"):
             table.add_column(column)
         for name, value, goal, met in lines:
