@@ -8,6 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from hf_attn_patch import is_patched, unpatch_model
 from hf_attn_patch.conversion import convert_checkpoint
+from hf_attn_patch.models import _attention
 from hf_attn_patch.models.bert import load_gqa_bert
 
 from .helpers import relative_error
@@ -88,3 +89,15 @@ def test_saved_gqa_bert_loads_back(checkpoints, tmp_path, device):
     inputs = batch(device, decoder=False)
     with torch.no_grad():
         assert torch.equal(load_gqa_bert(tmp_path).to(device).eval()(**inputs).logits, model(**inputs).logits)
+
+
+def test_gqa_bert_output_attentions_falls_back_to_eager(checkpoints, device, monkeypatch):
+    """Stock BERT's eager attention does not expand K/V; the fallback does it first."""
+    monkeypatch.setattr(_attention, "_warned", set())
+    _, gqa_dir = checkpoints
+    model = load_gqa_bert(gqa_dir, BertModel).to(device).eval()
+    inputs = batch(device, decoder=False)
+    with pytest.warns(UserWarning, match="output_attentions"), torch.no_grad():
+        output = model(**inputs, output_attentions=True)
+    length = inputs["input_ids"].shape[1]
+    assert [tuple(a.shape) for a in output.attentions] == [(2, HEADS, length, length)] * 2

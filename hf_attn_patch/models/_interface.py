@@ -96,22 +96,39 @@ def _stock_with_dense_mask(module, query, key, value, mask, scaling, dropout, kw
             blocked = torch.full((), torch.finfo(query.dtype).min, dtype=query.dtype, device=mask.device)
             mask = torch.where(mask, torch.zeros((), dtype=query.dtype, device=mask.device), blocked)
         return _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs)
-    key, value = _expand_unknown_groups(module, query, key, value)
+    module, key, value = _expanded(module, query, key, value)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs):
-    key, value = _expand_unknown_groups(module, query, key, value)
-    return _family_eager(module)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    eager = _family_eager(module)
+    module, key, value = _expanded(module, query, key, value)
+    return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def _expand_unknown_groups(module, query, key, value):
-    """Stock functions expand K/V by `module.num_key_value_groups`; GQA-BERT has no such field."""
+def _expanded(module, query, key, value):
+    """K/V with one head per query head, and the module as stock code should then see it.
+
+    Stock attention functions differ on GQA: Llama's expand K/V by `module.num_key_value_groups`,
+    BERT's never do (so GQA-BERT needs it done here). Expanding first and presenting groups of 1
+    suits both.
+    """
     groups = query.shape[1] // key.shape[1]
-    if groups > 1 and getattr(module, "num_key_value_groups", 1) != groups:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    return key, value
+    if groups == 1:
+        return module, key, value
+    return _OneGroup(module), key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
+class _OneGroup:
+    """A module as seen by stock attention after K/V were expanded: everything but the groups."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: torch.nn.Module):
+        self._module = module
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
 
 def _family_eager(module: torch.nn.Module) -> Callable:
