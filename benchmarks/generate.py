@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
     path = write_results(rows, args.out, "generate")
     print_tables(rows)
-    print_targets(rows)
+    if on_gpu:
+        print_targets(rows)
+    else:
+        console.print("CPU smoke run: the kernels ran in Triton's interpreter, so the times check the harness only.")
     if not args.no_plot:
         try:
             plot(rows, path.with_suffix(".png"))
@@ -361,19 +364,16 @@ def provider_context(model, provider: str):
     from hf_attn_patch import patch_model, unpatch_model
 
     base = provider.removesuffix("-compiled")
-    if base == "patched":
-        patch_model(model)
-        try:
-            yield
-        finally:
-            unpatch_model(model)
-    else:
-        model.set_attn_implementation(base)
-        try:
-            yield
-        finally:
-            model.set_attn_implementation("sdpa")
-    torch._dynamo.reset()
+    try:
+        if base == "patched":
+            patch_model(model)
+        else:
+            model.set_attn_implementation(base)
+        yield
+    finally:
+        unpatch_model(model)
+        model.set_attn_implementation("sdpa")
+        torch._dynamo.reset()  # compiled graphs of one provider must not serve the next
 
 
 def compiled_kernel_variants() -> int | None:
