@@ -7,6 +7,13 @@ on the CPU through Triton's interpreter (./run sets TRITON_INTERPRET=1 there).
 
 from __future__ import annotations
 
+import os
+
+# Tests check results, not speed: one launch config per kernel instead of autotuning every
+# option combination (minutes of compiling on the GPU). Export HF_ATTN_PATCH_AUTOTUNE=1 to test
+# the tuned configs.
+os.environ.setdefault("HF_ATTN_PATCH_AUTOTUNE", "0")
+
 import pytest
 import torch
 
