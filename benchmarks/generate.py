@@ -27,6 +27,7 @@ name is drawn next to it.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 import contextlib
 import os
 import statistics
@@ -118,20 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]generate benchmark[/bold] on {env['device']}, {str(dtype).removeprefix('torch.')}, "
                   f"torch {env['torch']}, transformers {_transformers_version()}")
 
-    rows: list[dict] = []
-    started = time.perf_counter()
-    with torch.no_grad():
-        rows += bench_generate(sizes, args.providers, device, dtype, args.repeats)
-        if not args.no_decode_profile:
-            rows += bench_decode_step(sizes, [p for p in args.providers if p in PROVIDERS], device, dtype)
-        if not args.no_prefill:
-            rows += bench_prefill(sizes, [p for p in PREFILL_PROVIDERS if p in args.providers], device, dtype,
-                                  args.repeats)
     extra = {"transformers": _transformers_version(), "dtype": str(dtype).removeprefix("torch."),
              "quick": args.quick}
-    rows = [{**env, **extra, **row} for row in rows]
-
-    path = write_results(rows, args.out, "generate")
+    rows: list[dict] = []
+    started = time.perf_counter()
+    benches = [bench_generate(sizes, args.providers, device, dtype, args.repeats)]
+    if not args.no_decode_profile:
+        benches.append(bench_decode_step(sizes, [p for p in args.providers if p in PROVIDERS], device, dtype))
+    if not args.no_prefill:
+        benches.append(bench_prefill(sizes, [p for p in PREFILL_PROVIDERS if p in args.providers], device, dtype,
+                                     args.repeats))
+    with torch.no_grad():
+        for bench in benches:
+            for row in bench:
+                row = {**env, **extra, **row}
+                path = write_results([row], args.out, "generate")  # as they come: a crash keeps them
+                rows.append(row)
+                console.print(f"  -> {_row_summary(row)}")
     print_tables(rows)
     if on_gpu:
         print_targets(rows)
@@ -145,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]no plot: {error_string(exc)}[/yellow]")
     console.print(f"results: {path} ({time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def _row_summary(row: dict) -> str:
+    if row.get("error"):
+        return f"error: {row['error']}"
+    figures = {"tokens_per_s": "tok/s", "ms_per_step": "ms/step", "ms": "ms"}
+    return ", ".join(f"{row[key]:.1f} {unit}" for key, unit in figures.items() if key in row) or "done"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,9 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # --- generate -----------------------------------------------------------------------------------
 
 
-def bench_generate(sizes: Sizes, providers, device, dtype, repeats: int) -> list[dict]:
+def bench_generate(sizes: Sizes, providers, device, dtype, repeats: int) -> Iterator[dict]:
     model = build("llama", sizes.llama, device, dtype)
-    rows = []
     for workload in sizes.workloads:
         inputs = random_prompts(workload.batch, workload.prompt, model.config.vocab_size, device)
         stock_tokens = None
@@ -209,10 +219,9 @@ def bench_generate(sizes: Sizes, providers, device, dtype, repeats: int) -> list
                 row["error"] = error_string(exc)
             finally:
                 free_memory()
-            rows.append(row)
+            yield row
     del model
     free_memory()
-    return rows
 
 
 def generate_settings(provider: str, workload: Workload, device) -> dict:
@@ -235,12 +244,11 @@ def generate_settings(provider: str, workload: Workload, device) -> dict:
 # --- decode step ---------------------------------------------------------------------------------
 
 
-def bench_decode_step(sizes: Sizes, providers, device, dtype) -> list[dict]:
+def bench_decode_step(sizes: Sizes, providers, device, dtype) -> Iterator[dict]:
     """Batch 1 after the longest prompt: one bare forward per step, timed and then profiled."""
     model = build("llama", sizes.llama, device, dtype)
     prompt = max(w.prompt for w in sizes.workloads)
     inputs = random_prompts(1, prompt, model.config.vocab_size, device)
-    rows = []
     for provider in providers:
         row = {"benchmark": "decode-step", "model": sizes.llama_label, "provider": provider, "batch": 1,
                "prompt_len": prompt, "steps": sizes.decode_steps}
@@ -255,10 +263,9 @@ def bench_decode_step(sizes: Sizes, providers, device, dtype) -> list[dict]:
             row["error"] = error_string(exc)
         finally:
             free_memory()
-        rows.append(row)
+        yield row
     del model
     free_memory()
-    return rows
 
 
 def decode_steps(model, inputs, steps: int, device) -> list[float]:
@@ -306,10 +313,9 @@ def profile_decode(model, inputs, steps: int, device) -> dict:
 # --- prefill -------------------------------------------------------------------------------------
 
 
-def bench_prefill(sizes: Sizes, providers, device, dtype, repeats: int) -> list[dict]:
+def bench_prefill(sizes: Sizes, providers, device, dtype, repeats: int) -> Iterator[dict]:
     model = build("mistral", sizes.mistral, device, dtype)
     inputs = random_prompts(1, sizes.prefill_tokens, model.config.vocab_size, device)
-    rows = []
     for provider in providers:
         row = {"benchmark": "prefill", "model": sizes.mistral_label, "provider": provider, "batch": 1,
                "prompt_len": sizes.prefill_tokens, "window": model.config.sliding_window,
@@ -331,10 +337,9 @@ def bench_prefill(sizes: Sizes, providers, device, dtype, repeats: int) -> list[
             free_memory()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-        rows.append(row)
+        yield row
     del model
     free_memory()
-    return rows
 
 
 # --- shared --------------------------------------------------------------------------------------
