@@ -163,7 +163,9 @@ def _choose_partition_size(rows: int, context_bound: int, block_n: int, device: 
     One partition (no merge pass) when batch x KV heads alone fills the GPU; split the context
     otherwise, down to _MIN_PARTITION tokens. Uses shapes only, so it is CUDA-graph safe.
     """
-    wanted_programs = 4 * _multiprocessor_count(device)
+    # Two programs per SM: on an H100 (2026-11-23) batch 1 at 32k reads 2.43 TB/s with 512-token
+    # partitions against 2.12 with 256 (four per SM); larger batches are the same either way.
+    wanted_programs = 2 * _multiprocessor_count(device)
     size = max(block_n, triton.next_power_of_2(max(context_bound, 1)))
     while size > _MIN_PARTITION and rows * math.ceil(context_bound / size) < wanted_programs:
         size //= 2
