@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..kernels._checks import SUPPORTED_HEAD_DIMS
+from ..kernels import SUPPORTED_HEAD_DIMS
 
 Undo = Callable[[], None]
 
