@@ -1,0 +1,85 @@
+"""Training objectives: next-token loss, logit distillation (causal LMs), hidden-state distillation (encoders).
+
+Each takes a batch of token ids and returns one scalar loss tensor (no host sync). Losses are
+computed in float32 whatever the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lm_loss", "logit_distillation_loss", "hidden_distillation_loss", "Objective"]
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits (B, N, V) at position i predict input_ids[:, i + 1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def logit_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over token positions.
+
+    The T^2 factor (Hinton et al., 2015) keeps the gradient scale independent of T.
+    """
+    vocab = student.shape[-1]
+    s = F.log_softmax(student.reshape(-1, vocab).float() / temperature, dim=-1)
+    t = F.log_softmax(teacher.reshape(-1, vocab).float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def hidden_distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
+                             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over (real) tokens of (1 - cosine) + MSE between hidden states (B, N, H)."""
+    s, t = student.float(), teacher.float()
+    per_token = (1 - F.cosine_similarity(s, t, dim=-1)) + (s - t).pow(2).mean(-1)
+    if attention_mask is None:
+        return per_token.mean()
+    mask = attention_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+class Objective:
+    """The loss of one micro-batch for a student (and optional teacher)."""
+
+    def __init__(self, kind: str, *, teacher=None, distill_weight: float = 0.5, temperature: float = 1.0,
+                 autocast=None, student_is_base: bool = True, teacher_is_base: bool = True):
+        self.kind, self.teacher = kind, teacher
+        self.weight, self.temperature = distill_weight, temperature
+        self.autocast = autocast
+        self.student_is_base, self.teacher_is_base = student_is_base, teacher_is_base
+
+    @property
+    def name(self) -> str:
+        if self.kind == "causal_lm":
+            if self.teacher is None or self.weight == 0:
+                return "lm"
+            return "distill-kl" if self.weight == 1 else f"lm+distill-kl (w={self.weight})"
+        return "distill-hidden"
+
+    def __call__(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.kind == "causal_lm":
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            if self.teacher is None or self.weight == 0:
+                return lm_loss(logits, input_ids)
+            teacher_logits = self._teacher(input_ids).logits
+            kl = logit_distillation_loss(logits, teacher_logits, self.temperature)
+            if self.weight == 1:
+                return kl
+            return (1 - self.weight) * lm_loss(logits, input_ids) + self.weight * kl
+        student = _last_hidden(model(input_ids=input_ids, output_hidden_states=not self.student_is_base),
+                               self.student_is_base)
+        teacher = _last_hidden(self._teacher(input_ids, output_hidden_states=not self.teacher_is_base),
+                               self.teacher_is_base)
+        return hidden_distillation_loss(student, teacher)
+
+    @torch.no_grad()
+    def _teacher(self, input_ids, **kwargs):
+        if self.kind == "causal_lm":
+            kwargs.setdefault("use_cache", False)
+        with self.autocast():
+            return self.teacher(input_ids=input_ids, **kwargs)
+
+
+def _last_hidden(output, is_base: bool) -> torch.Tensor:
+    return output.last_hidden_state if is_base else output.hidden_states[-1]

@@ -1,0 +1,201 @@
+"""hf_attn_patch.training.uptrain on tiny models (CPU: the kernels run in Triton's interpreter).
+
+Kept short on purpose (a few steps each, sequences of 32, batches of 1-2): one step of a
+two-layer model costs about a second in the interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+from hf_attn_patch import is_patched
+from hf_attn_patch.conversion import convert_checkpoint
+from hf_attn_patch.kernels import _flash_triton
+from hf_attn_patch.models.bert import load_gqa_bert
+from hf_attn_patch.training import UptrainConfig, load_token_ids, lr_at, uptrain
+
+SEQ = 32
+FAST = dict(seq_len=SEQ, warmup_steps=0, schedule="constant", gradient_checkpointing=False, quiet=True,
+            log_every=1)
+
+
+def llama(vocab: int = 128, kv_heads: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=kv_heads, intermediate_size=128,
+                                        max_position_embeddings=64))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny MHA Llama and BertModel, and their conversions (Llama to MQA, BERT to GQA-BERT, KV heads 2)."""
+    root = tmp_path_factory.mktemp("uptrain")
+    llama().save_pretrained(root / "llama")
+    convert_checkpoint(root / "llama", root / "llama-mqa", num_kv_heads=1, method="mean")
+    torch.manual_seed(0)
+    # Default attention dropout (0.1) on purpose: uptrain zeroes it so that training stays on the kernel.
+    BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         # Larger weights than BERT's 0.02, so that pooling K/V heads changes the outputs.
+                         initializer_range=0.2)).save_pretrained(root / "bert")
+    convert_checkpoint(root / "bert", root / "bert-gqa", num_kv_heads=2, method="mean")
+    return root
+
+
+@pytest.fixture
+def stock_attention_forbidden(monkeypatch):
+    """Stock attention and 4-D mask builders raise (as in test_patch.py); counts our kernel's backward calls."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("stock attention or a (B, 1, Nq, Nk) mask was used while training a patched model")
+
+    for name in ("sdpa", "flex_attention", "flash_attention_2", "paged|eager"):
+        monkeypatch.setitem(AttentionInterface._global_mapping, name, forbidden)
+    for name in ("sdpa", "eager", "flex_attention", "flash_attention_2"):
+        monkeypatch.setitem(AttentionMaskInterface._global_mapping, name, forbidden)
+    monkeypatch.setattr(transformers.masking_utils, "sdpa_mask", forbidden)
+    monkeypatch.setattr(transformers.masking_utils, "eager_mask", forbidden)
+    for family in ("llama", "bert"):
+        modeling = getattr(transformers.models, family)
+        monkeypatch.setattr(getattr(modeling, f"modeling_{family}"), "eager_attention_forward", forbidden)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", forbidden)
+
+    calls = {"backward": 0}
+    backward = _flash_triton.backward
+
+    def counted(*args, **kwargs):
+        calls["backward"] += 1
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(_flash_triton, "backward", counted)
+    return calls
+
+
+def falls(result, factor: float = 0.9) -> bool:
+    losses = [loss for _, loss in result.losses]
+    return losses[-1] < factor * losses[0]
+
+
+def test_pretrain_instance_on_the_kernel_loss_falls(tmp_path, stock_attention_forbidden):
+    """From scratch on a model instance (byte-level text, one fixed batch), gradient checkpointing on."""
+    model = llama(vocab=256)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("def f(x):\n    return x + 1\n" * 4)[: 2 * SEQ])  # 64 bytes: exactly one batch of 2
+    steps = 5
+    result = uptrain(UptrainConfig(model=model, output_dir=tmp_path / "run", data=corpus, tokenizer="bytes",
+                                   batch_size=2, max_steps=steps, lr=1e-2,
+                                   **{**FAST, "gradient_checkpointing": True}))
+    assert [s for s, _ in result.losses] == list(range(1, steps + 1))
+    assert falls(result, 0.8), result.losses
+    assert result.steps == steps and result.tokens_seen == steps * 2 * SEQ
+    # Every layer's backward ran through our Triton kernel, every step (stock attention raised).
+    assert stock_attention_forbidden["backward"] == steps * 2
+    # The instance comes back as it came (unpatched, training mode), trained.
+    assert not is_patched(model) and model.training
+    checkpointing = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    assert not getattr(model, checkpointing)
+
+    # The final checkpoint is a stock one: no trace of the patch, loads into plain transformers.
+    config = json.loads((result.final_dir / "config.json").read_text())
+    assert "hf_attn_patch" not in json.dumps(config)
+    reloaded = LlamaForCausalLM.from_pretrained(result.final_dir)
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_continues_with_the_same_batches_and_losses(checkpoints, tmp_path):
+    data = torch.randint(0, 128, (7 * SEQ + 5,), generator=torch.Generator().manual_seed(3))  # 7 sequences, packed
+    common = dict(model=checkpoints / "llama", data=data, batch_size=1, grad_accum=2, lr=3e-3, shuffle=True,
+                  **{**FAST, "warmup_steps": 1, "schedule": "cosine"})
+    whole = uptrain(UptrainConfig(output_dir=tmp_path / "whole", max_steps=4, save_every=2, **common))
+    assert [p.name for p in whole.checkpoints] == ["step-0000002", "step-0000004"]
+    state = json.loads((whole.checkpoints[0] / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["sequences_seen"] == 4
+
+    resumed = uptrain(UptrainConfig(output_dir=tmp_path / "resumed", max_steps=4,
+                                    resume=whole.checkpoints[0], **common))
+    assert resumed.resumed_from == whole.checkpoints[0] and resumed.steps == 4
+    assert [s for s, _ in resumed.losses] == [1, 2, 3, 4]
+    for (step, expected), (_, actual) in zip(whole.losses, resumed.losses):
+        assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6), step
+    final_whole = LlamaForCausalLM.from_pretrained(whole.final_dir).state_dict()
+    final_resumed = LlamaForCausalLM.from_pretrained(resumed.final_dir).state_dict()
+    for name, tensor in final_whole.items():
+        torch.testing.assert_close(final_resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+    # resume=True picks the latest checkpoint; a run already at max_steps trains no further.
+    again = uptrain(UptrainConfig(output_dir=tmp_path / "whole", max_steps=4, resume=True, **common))
+    assert again.resumed_from == whole.checkpoints[-1] and again.losses == whole.losses
+    # A changed data layout is refused rather than silently seeing other batches.
+    with pytest.raises(ValueError, match="data layout changed"):
+        uptrain(UptrainConfig(output_dir=tmp_path / "whole", max_steps=6, resume=True,
+                              **{**common, "batch_size": 2}))
+
+
+def test_distill_causal_lm_toward_the_mha_teacher(checkpoints, tmp_path, stock_attention_forbidden):
+    data = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    result = uptrain(UptrainConfig(model=checkpoints / "llama-mqa", teacher=checkpoints / "llama",
+                                   output_dir=tmp_path / "run", data=data, distill_weight=0.5,
+                                   distill_temperature=2.0, batch_size=2, max_steps=4, lr=1e-2, **FAST))
+    assert result.objective.startswith("lm+distill-kl")
+    assert falls(result), result.losses
+    assert stock_attention_forbidden["backward"] == 4 * 2  # the teacher runs without grad: forward only
+    reloaded = LlamaForCausalLM.from_pretrained(result.final_dir)
+    assert reloaded.config.num_key_value_heads == 1
+
+
+def test_distill_gqa_bert_hidden_states(checkpoints, tmp_path, stock_attention_forbidden):
+    data = torch.randint(1, 128, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    result = uptrain(UptrainConfig(model=checkpoints / "bert-gqa", teacher=checkpoints / "bert",
+                                   output_dir=tmp_path / "run", data=data, batch_size=2, max_steps=4, lr=1e-3,
+                                   **FAST))
+    assert result.objective == "distill-hidden"
+    assert falls(result, 0.7), result.losses
+    assert stock_attention_forbidden["backward"] == 4 * 2  # attention dropout 0.1 was zeroed: no fallback
+    model = load_gqa_bert(result.final_dir)
+    assert type(model).__name__ == "BertModel" and model.config.num_key_value_heads == 2
+    assert model.encoder.layer[0].attention.self.key.weight.shape == (2 * 16, 64)
+    assert model.config.attention_probs_dropout_prob == 0.1  # the config is saved as it was
+
+
+def test_bad_configs_are_refused_before_any_work(checkpoints, tmp_path):
+    out = tmp_path / "never"
+    tokens = torch.randint(0, 128, (4 * SEQ,))
+    cases = [
+        (dict(model=checkpoints / "bert-gqa", data=tokens), "encoder"),
+        (dict(model=checkpoints / "llama", data=tmp_path / "missing.txt"), "does not exist"),
+        (dict(model=checkpoints / "llama", data=tmp_path), "no token files"),
+        (dict(model=checkpoints / "llama", data=tokens[: SEQ - 1]), "too long for the data"),
+        (dict(model=checkpoints / "llama", data=tokens, seq_len=128), "max_position_embeddings"),
+        (dict(model=checkpoints / "llama", data=tokens.view(-1, 16)), "seq_len"),
+        (dict(model=checkpoints / "llama", data=tokens + 1000), "outside the model's vocabulary"),
+        (dict(model=checkpoints / "llama", data=tokens, teacher=checkpoints / "bert"), "not"),
+        (dict(model=checkpoints / "llama", data=tokens, grad_accum=0), "grad_accum"),
+        (dict(model=tmp_path, data=tokens), "not a model folder"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(ValueError, match=message):
+            uptrain(UptrainConfig(output_dir=out, **{"seq_len": SEQ, "quiet": True, **fields}))
+    assert not out.exists()
+
+
+def test_token_files_and_schedule(tmp_path):
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.arange(0, 5, dtype=np.int32))
+    torch.save(torch.arange(5, 8), folder / "b.pt")
+    np.arange(8, 12, dtype=np.uint16).tofile(folder / "c.bin")
+    (folder / "notes.md").write_text("ignored")
+    assert torch.equal(load_token_ids(folder), torch.arange(12))
+
+    config = UptrainConfig(model="unused", output_dir=tmp_path, data=folder, lr=1.0, warmup_steps=2, max_steps=12,
+                           min_lr_ratio=0.1)
+    assert [lr_at(s, config) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_at(2, config) == pytest.approx(1.0) and lr_at(12, config) == pytest.approx(0.1)
