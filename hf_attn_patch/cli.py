@@ -27,7 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument(
         "--kv-heads", type=int, required=True, metavar="G", help="key/value heads per layer after conversion"
     )
-    convert.add_argument("--method", default="mean", help="how a group of heads is pooled (default: mean)")
+    convert.add_argument(
+        "--method",
+        default="mean",
+        help="how a group of heads is pooled: mean (default), similarity or pca (these two need --calibration)",
+    )
+    convert.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="text file (one sequence per line, tokenized with the source's tokenizer) for the "
+        "methods that read activations of the original model",
+    )
     convert.add_argument(
         "--overwrite", action="store_true", help="replace dst once the new checkpoint is complete"
     )
@@ -59,6 +69,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             args.dst,
             num_kv_heads=args.kv_heads,
             method=args.method,
+            calibration=args.calibration,
             overwrite=args.overwrite,
             verify=args.verify,
             progress=sys.stderr.isatty(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -9,9 +10,10 @@ import uuid
 from importlib.metadata import version
 from pathlib import Path
 
+from .calibration import CalibrationInput, collect_statistics, prepare_calibration
 from .errors import ConversionError
 from .families import plan_conversion
-from .methods import METHODS, PoolingMethod
+from .methods import METHODS, PoolingMethod, needs_calibration
 from .plan import ConversionPlan
 from .report import REPORT_NAME, ConversionReport
 from .source import SourceCheckpoint, read_source
@@ -25,6 +27,7 @@ def convert_checkpoint(
     *,
     num_kv_heads: int,
     method: str = "mean",
+    calibration: CalibrationInput = None,
     overwrite: bool = False,
     verify: str = "auto",
     progress: bool = False,
@@ -37,14 +40,37 @@ def convert_checkpoint(
     and renamed to `dst_dir` at the end, so a failure at any point leaves no partial checkpoint.
     An existing `dst_dir` is replaced only with `overwrite=True`, and only once the new one is
     complete. Raises ConversionError (a ValueError) with the reason on any refusal.
+
+    `calibration` feeds the methods that need it (`needs_calibration`, e.g. "similarity", "pca";
+    Llama, Mistral and BERT only): a path to a text file (one sequence per non-empty line,
+    tokenized with the tokenizer saved in `src_dir`), or token ids as a (num_sequences, seq_len)
+    integer tensor or a list of lists of ints. Such a method first runs the original model over
+    it (see calibration.py for the cost). Other methods ignore it.
     """
     source_dir, destination = Path(src_dir), Path(dst_dir)
     pool = _pooling_method(method)
+    calibrated = needs_calibration(pool)
+    if calibrated and calibration is None:
+        raise ConversionError(
+            f"method {method!r} needs calibration data: pass calibration= (--calibration) a text file "
+            "or token ids of a few thousand tokens of text like the model's"
+        )
     _check_destination(source_dir, destination, overwrite)
     source = read_source(source_dir)
-    plan = plan_conversion(source.config, source.tensors, num_kv_heads)
+    plan = plan_conversion(source.config, source.tensors, num_kv_heads, rewrite_attention=calibrated)
+    tokens = prepare_calibration(calibration, source_dir, source.config) if calibrated else None
     verify_mode = resolve_verify(verify, source.total_bytes)
     _check_free_space(destination.parent, source)
+
+    calibration_report = None
+    if calibrated:
+        started = time.perf_counter()
+        statistics = collect_statistics(source_dir, plan, tokens)
+        pool = functools.partial(pool, statistics=statistics)
+        calibration_report = {
+            **tokens.summary(),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     # Beside the destination, so the final rename stays on one file system; hidden, and named
     # so that one left by a killed process is recognisable.
@@ -56,7 +82,9 @@ def convert_checkpoint(
         _flush_to_disk(staging)
         seconds = time.perf_counter() - started  # until the data is on disk, not in the page cache
         verified = verify_checkpoint(staging, source, plan, verify_mode)
-        report = _report(source, destination, plan, method, stats, seconds, verify_mode, verified)
+        report = _report(
+            source, destination, plan, method, stats, seconds, verify_mode, verified, calibration_report
+        )
         report.save(staging / REPORT_NAME)
         _flush_to_disk(staging)
         _move_into_place(staging, destination, overwrite)
@@ -147,7 +175,7 @@ def _fsync(path: Path) -> None:
 
 
 def _report(
-    source, destination, plan: ConversionPlan, method, stats, seconds, verify_mode, verified
+    source, destination, plan: ConversionPlan, method, stats, seconds, verify_mode, verified, calibration
 ) -> ConversionReport:
     return ConversionReport(
         source=str(source.root.resolve()),
@@ -174,5 +202,6 @@ def _report(
         copied_files=list(source.copied_files),
         skipped_files=list(source.skipped_files),
         notes=list(plan.notes),
+        calibration=calibration,
         versions={package: version(package) for package in ("torch", "safetensors", "transformers")},
     )

@@ -35,6 +35,8 @@ class ConversionReport:
     copied_files: list[str] = field(default_factory=list)
     skipped_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Calibrated methods: {"source", "sequences", "tokens", "seconds"}; None for the others.
+    calibration: dict | None = None
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -58,6 +60,11 @@ class ConversionReport:
             f"  config: {changes}",
             f"  verified: {self.verified}",
         ]
+        if self.calibration:
+            lines.append(
+                f"  calibration: {self.calibration['tokens']} tokens in {self.calibration['sequences']} "
+                f"sequences ({self.calibration['source']}), {self.calibration['seconds']:.1f} s"
+            )
         if self.skipped_files:
             lines.append(f"  left out (other weight formats, hidden files): {', '.join(self.skipped_files)}")
         lines += [f"  note: {note}" for note in self.notes]

@@ -102,7 +102,7 @@ def _load_and_run_expanded_bert(folder: Path, plan: ConversionPlan) -> str:
     for shard in written.shards:
         expanded.update(load_file(folder / shard))
     for layer in plan.layers:
-        for name in layer.names:
+        for name in layer.kv_names:  # BERT layers are SeparateKV; query and output keep their shapes
             heads = expanded[name].unflatten(0, (plan.kv_heads_after, plan.head_dim))
             expanded[name] = heads.repeat_interleave(repeats, dim=0).flatten(0, 1).contiguous()
     with tempfile.TemporaryDirectory(prefix="hf-attn-patch-verify-") as scratch:

@@ -40,7 +40,14 @@ GROUPED, MULTI_QUERY, MULTI_HEAD = "grouped", "multi_query", "multi_head"
 _QKV_PATTERN = r"^(?P<prefix>.*?)h\.(?P<layer>\d+)\.self_attention\.query_key_value\.weight$"
 
 
-def plan_falcon(config: dict, tensors: dict[str, TensorInfo], num_kv_heads: int) -> ConversionPlan:
+def plan_falcon(
+    config: dict, tensors: dict[str, TensorInfo], num_kv_heads: int, *, rewrite_attention: bool = False
+) -> ConversionPlan:
+    if rewrite_attention:
+        raise ConversionError(
+            "calibrated methods (which regroup heads and rewrite the query and output projections) "
+            "are not supported for Falcon's fused query_key_value layouts; use method='mean'"
+        )
     num_heads = config_int(config, "num_attention_heads")
     num_layers = config_int(config, "num_hidden_layers")
     hidden = config_int(config, "hidden_size")

@@ -10,7 +10,10 @@ from ..source import TensorInfo
 _KEY_PATTERN = r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.self_attn\.k_proj\.weight$"
 
 
-def plan_llama(config: dict, tensors: dict[str, TensorInfo], num_kv_heads: int) -> ConversionPlan:
+def plan_llama(
+    config: dict, tensors: dict[str, TensorInfo], num_kv_heads: int, *, rewrite_attention: bool = False
+) -> ConversionPlan:
+    """rewrite_attention: the method also rewrites q_proj and o_proj (calibrated methods)."""
     num_heads = config_int(config, "num_attention_heads")
     num_layers = config_int(config, "num_hidden_layers")
     hidden = config_int(config, "hidden_size")
@@ -21,6 +24,8 @@ def plan_llama(config: dict, tensors: dict[str, TensorInfo], num_kv_heads: int) 
         config, tensors, f"{prefix}layers.0.self_attn.k_proj.weight", head_dim, num_heads
     )
     groups = check_num_groups(num_kv_heads, current, num_heads)
+    if rewrite_attention:
+        _check_full_rotary(config, head_dim)
 
     layers = []
     for layer in range(num_layers):
@@ -36,6 +41,20 @@ def plan_llama(config: dict, tensors: dict[str, TensorInfo], num_kv_heads: int) 
         if has_bias:
             for proj in ("k_proj", "v_proj"):
                 expect_tensor(tensors, f"{base}{proj}.bias", (current * head_dim,), floating=True)
+        attention = {}
+        if rewrite_attention:
+            expect_tensor(tensors, base + "q_proj.weight", (num_heads * head_dim, hidden), floating=True)
+            expect_tensor(tensors, base + "o_proj.weight", (hidden, num_heads * head_dim), floating=True)
+            query_bias = base + "q_proj.bias" if base + "q_proj.bias" in tensors else None
+            if query_bias:
+                expect_tensor(tensors, query_bias, (num_heads * head_dim,), floating=True)
+            attention = dict(
+                query=base + "q_proj.weight",
+                query_bias=query_bias,
+                output=base + "o_proj.weight",
+                num_query_heads=num_heads,
+                rotary=True,
+            )
         layers.append(
             SeparateKV(
                 layer=layer,
@@ -46,6 +65,7 @@ def plan_llama(config: dict, tensors: dict[str, TensorInfo], num_kv_heads: int) 
                 head_dim=head_dim,
                 hidden_size=hidden,
                 num_groups=groups,
+                **attention,
             )
         )
     return ConversionPlan(
@@ -58,6 +78,17 @@ def plan_llama(config: dict, tensors: dict[str, TensorInfo], num_kv_heads: int) 
         new_config={**config, "num_key_value_heads": groups},
         layers=tuple(layers),
     )
+
+
+def _check_full_rotary(config: dict, head_dim: int) -> None:
+    """Calibrated methods map key heads by per-frequency rotations, which needs RoPE on every dim."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if factor not in (None, 1, 1.0) or head_dim % 2:
+        raise ConversionError(
+            f"this model applies RoPE to part of each head (partial_rotary_factor {factor}, head_dim "
+            f"{head_dim}); calibrated methods support full-head RoPE only; use method='mean'"
+        )
 
 
 def _current_kv_heads(
