@@ -55,7 +55,7 @@ timeout -s INT "$MINILM_S" python3 benchmarks/quality_minilm.py --out "$OUT" --m
     > "$OUT/quality-minilm.log" 2>&1
 wait $llama
 stage "quality runs done"
-tail -22 "$OUT/quality-llama.log" "$OUT/quality-minilm.log"
+tail -n 22 "$OUT/quality-llama.log" "$OUT/quality-minilm.log"
 
 wait $tests
 stage "GPU tests done"

@@ -170,6 +170,43 @@ def test_training_loss_and_gradients_match(case, device):
             assert relative_error(actual_grads[name], grad) < case.tolerance, name
 
 
+def test_training_under_bf16_autocast(case, device):
+    """accelerate's bf16 mixed precision runs the model under autocast, where RoPE leaves q and k
+    in float32 and v in bf16: the patched model must train there like stock SDPA does."""
+    model, inputs = build(case, device), batch(device, case.decoder)
+    model.train()
+
+    def loss_and_grad():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            loss = model(**inputs).logits.float().pow(2).mean()
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    expected_loss, expected_grad = loss_and_grad()
+    patch_model(model)
+    actual_loss, actual_grad = loss_and_grad()
+    assert relative_error(actual_loss, expected_loss) < 2e-2
+    assert relative_error(actual_grad, expected_grad) < 5e-2
+
+
+def test_attend_casts_mixed_dtypes_under_autocast(device):
+    """What the GPU showed with transformers 5.17 under bf16 autocast: RoPE's float32 cos/sin
+    lift q and k to float32 while v stays bf16. attend casts them as SDPA's autocast does."""
+    from hf_attn_patch.kernels import attention_reference
+    from hf_attn_patch.models._attention import attend
+
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 9, 16, generator=generator).to(device)
+    k = torch.randn(2, 2, 9, 16, generator=generator).to(device)
+    v = torch.randn(2, 2, 9, 16, generator=generator).to(device, torch.bfloat16)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = attend(torch.nn.Module(), q, k, v, causal=True)
+    expected = attention_reference(q.bfloat16(), k.bfloat16(), v, causal=True).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out.float(), expected.float()) < 1e-2
+
+
 def test_unpatch_restores_bit_identical_outputs(case, device):
     model, inputs = build(case, device), batch(device, case.decoder)
     before = logits(model, inputs)

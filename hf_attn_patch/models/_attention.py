@@ -16,7 +16,7 @@ from ..cache import paged_decode_or_none
 from ..kernels import flash_attention
 from ..kernels.reference import visibility
 
-__all__ = ["attend", "align_to_keys", "dense_mask", "warn_once"]
+__all__ = ["attend", "autocast_inputs", "align_to_keys", "dense_mask", "warn_once"]
 
 
 def attend(
@@ -38,6 +38,7 @@ def attend(
     back as (B, Nq, Hq, D), the layout transformers' attention functions return; the kernel
     writes its output in that layout, so the transpose costs nothing.
     """
+    query, key, value = autocast_inputs(query, key, value)
     # A decode step whose K/V live in a PagedKVCache reads them from its pages (hf_attn_patch.cache).
     paged = paged_decode_or_none(module, query, key, value, key_padding_mask,
                                  scale=scale, window=window, alibi_slopes=alibi_slopes)
@@ -54,6 +55,22 @@ def attend(
         scale=scale,
     )
     return out.transpose(1, 2)
+
+
+def autocast_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under autocast (accelerate's bf16 mixed precision), cast q, k, v to the autocast dtype.
+
+    The projections come out in bf16, but RoPE multiplies q and k by float32 cos/sin and so
+    lifts them to float32 while v stays bf16. Stock SDPA is on autocast's lower-precision list
+    and casts its inputs; our kernels take one dtype, so we cast the same way.
+    """
+    device_type = query.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device_type)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 def align_to_keys(
