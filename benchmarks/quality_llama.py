@@ -63,6 +63,10 @@ FULL = dict(hidden=512, layers=8, heads=8, intermediate=1536, seq_len=1024, batc
             pretrain_tokens=60_000_000, kv_heads=[4, 1], max_train_bytes=None, max_eval_bytes=None)
 QUICK = dict(hidden=64, layers=2, heads=4, intermediate=128, seq_len=64, batch_size=8,
              pretrain_tokens=8 * 64 * 40, kv_heads=[2, 1], max_train_bytes=400_000, max_eval_bytes=16_384)
+# A stand-in a 2-core CPU trains in minutes (~1M parameters): same data, method and schedule.
+CPU = dict(hidden=128, layers=4, heads=8, intermediate=384, seq_len=256, batch_size=16,
+           pretrain_tokens=2_000_000, kv_heads=[4, 1], max_train_bytes=None, max_eval_bytes=262_144)
+SIZES = {"full": FULL, "cpu": CPU, "quick": QUICK}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     eval_path = args.eval_path if args.eval_path != "auto" else ("patched" if device.type == "cuda" else "stock")
     methods = available_methods(args.methods)
-    size = QUICK if args.quick else FULL
+    size = SIZES[args.size]
     seq_len, batch_size = size["seq_len"], size["batch_size"]
     # Training under Triton's interpreter takes ~30 s a step even at --quick sizes: a CPU trains on
     # stock attention, and the path check runs our kernels there.
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = train_data[torch.randperm(len(train_data), generator=torch.Generator().manual_seed(1))
                              [:CALIBRATION_SEQUENCES]]
     settings = {
-        "quick": args.quick, "model": {k: size[k] for k in ("hidden", "layers", "heads", "intermediate", "seq_len")},
+        "quick": args.quick, "size": args.size, "model": {k: size[k] for k in ("hidden", "layers", "heads", "intermediate", "seq_len")},
         "kv_heads": args.kv_heads, "methods": methods, "eval_path": eval_path,
         "eval_dtype": "bfloat16" if eval_path == "patched" else "float32", "data": described,
         "batch_size": batch_size, "pretrain_steps": pretrain_steps, "pretrain_tokens": pretrain_steps * tokens_per_step,
@@ -201,8 +205,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--markdown", type=Path, metavar="JSON",
                         help="print the markdown table of the newest run in JSON and exit")
+    parser.add_argument("--size", choices=sorted(SIZES), help="model and data preset (default full; --quick: quick)")
     args = parser.parse_args(argv)
-    size = QUICK if args.quick else FULL
+    args.size = args.size or ("quick" if args.quick else "full")
+    size = SIZES[args.size]
     args.kv_heads = args.kv_heads or size["kv_heads"]
     args.pretrain_tokens = args.pretrain_tokens or size["pretrain_tokens"]
     bad = [g for g in args.kv_heads if g < 1 or size["heads"] % g]
