@@ -154,6 +154,21 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def method_series(results: list[dict], metric: str, original_kv_heads: int | None = None) -> tuple[dict, dict | None]:
+    """Plot series from result rows: one per method and stage ("converted" solid, "uptrained"
+    dashed), each starting at the original model. Returns (series for plot_lines, original row)."""
+    original = next((row for row in results if row["stage"] == "original"), None)
+    series = {}
+    for stage, label, dashed in (("converted", "converted", False), ("uptrained", "after uptraining", True)):
+        for method in sorted({row["method"] for row in results if row["stage"] == stage}):
+            points = sorted(((row["kv_heads"], row[metric]) for row in results
+                             if row["stage"] == stage and row["method"] == method), reverse=True)
+            if original:
+                points.insert(0, (original_kv_heads or original["kv_heads"], original[metric]))
+            series[f"{method} {label}"] = ([x for x, _ in points], [y for _, y in points], dashed)
+    return series, original
+
+
 def plot_lines(path: Path, title: str, ylabel: str, series: dict, baseline: float | None,
                baseline_label: str, invert_x: bool = True) -> Path | None:
     """One line per series name: {name: ([kv_heads], [values], dashed: bool)}. None without matplotlib."""

@@ -43,6 +43,7 @@ import torch
 from _common import (RESULTS_DIR, environment, error_string, free_memory, latest_run, read_results, results_path,
                      write_results)
 from _quality import (
+    method_series,
     available_methods,
     convert,
     load_model,
@@ -361,15 +362,7 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path | None:
     results = [row for row in latest_run(rows) if row.get("kind") == "result" and not row.get("error")]
-    original = next((row for row in results if row["stage"] == "original"), None)
-    series = {}
-    for stage, label, dashed in (("converted", "converted", False), ("uptrained", "after uptraining", True)):
-        for method in sorted({row["method"] for row in results if row["stage"] == stage}):
-            points = sorted(((row["kv_heads"], row["bits_per_byte"]) for row in results
-                             if row["stage"] == stage and row["method"] == method), reverse=True)
-            if original:
-                points.insert(0, (original["kv_heads"], original["bits_per_byte"]))
-            series[f"{method} {label}"] = ([x for x, _ in points], [y for _, y in points], dashed)
+    series, original = method_series(results, "bits_per_byte")
     run = _header(rows)
     title = f"byte-level Llama, stdlib held-out ({run.get('device')}, {run.get('date')})"
     return plot_lines(path, title, "held-out bits per byte (lower is better)", series,
