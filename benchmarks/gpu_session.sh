@@ -6,9 +6,14 @@
 #   2. then the timed benchmarks run alone on the GPU: generate.py, paged.py memory/throughput.
 # Every stage has its own time limit (seconds, from the environment) and writes under $OUT as it
 # goes, so a stage cut short keeps what it measured. Usage, from the repository root:
-#   OUT=/some/folder benchmarks/gpu_session.sh
+#   OUT=/some/folder benchmarks/gpu_session.sh      (then: tar xzf /some/folder/session.tar.gz)
 set -u
 OUT=${OUT:?set OUT to the results folder}
+# The device tool returns at most 8 files: everything is written to a work folder and packed into
+# $OUT/session.tar.gz on exit (logs, JSON, PNG), plus the last output on the console.
+FINAL_OUT=$OUT OUT=/tmp/gpu-session
+rm -rf "$OUT"
+trap 'tar czf "$FINAL_OUT/session.tar.gz" -C "$OUT" .' EXIT
 TEST_S=${TEST_S:-270} LLAMA_S=${LLAMA_S:-300} MINILM_S=${MINILM_S:-240} GENERATE_S=${GENERATE_S:-150} PAGED_S=${PAGED_S:-90}
 mkdir -p "$OUT"
 
