@@ -715,3 +715,16 @@ def test_converted_model_patched_matches_unpatched(tmp_path, name):
         patch_model(model)
         actual = model(input_ids=input_ids).logits
     assert relative_error(actual, expected) < 1e-4
+
+
+def test_bert_without_pooler_converts_and_verifies(tmp_path):
+    """A BertModel saved without its pooler (add_pooling_layer=False) lacks pooler.* in the source
+    as well: verification must not call the converted checkpoint incomplete for it."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    source = tmp_path / "bert-no-pooler"
+    BertModel(_bert(), add_pooling_layer=False).save_pretrained(source)
+    assert not any(name.startswith("pooler.") for name in load_file(source / "model.safetensors"))
+    report = convert_checkpoint(source, tmp_path / "gqa", num_kv_heads=2, verify="full")
+    assert "forward pass" in report.verified

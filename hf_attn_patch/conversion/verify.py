@@ -47,8 +47,8 @@ def verify_checkpoint(folder: Path, source: SourceCheckpoint, plan: ConversionPl
     if mode == "shapes":
         return "headers re-read: every tensor has the shape and dtype the new config implies (not loaded)"
     if plan.stock_loadable:
-        return _load_and_run(folder)
-    return _load_and_run_expanded_bert(folder, plan)
+        return _load_and_run(folder, source)
+    return _load_and_run_expanded_bert(folder, source, plan)
 
 
 def _check_shapes(folder: Path, source: SourceCheckpoint, plan: ConversionPlan) -> None:
@@ -68,7 +68,7 @@ def _check_shapes(folder: Path, source: SourceCheckpoint, plan: ConversionPlan) 
         )
 
 
-def _load_and_run(folder: Path) -> str:
+def _load_and_run(folder: Path, source: SourceCheckpoint) -> str:
     model_class = _model_class(folder)
     try:
         with _quiet_transformers():
@@ -77,6 +77,10 @@ def _load_and_run(folder: Path) -> str:
         raise ConversionError(
             f"the converted checkpoint does not load with {model_class.__name__}: {error}"
         ) from error
+    # A weight the source never had (a BertModel saved without its pooler) is missing from the
+    # source just the same: not the conversion's doing. Names are compared by suffix, since the
+    # model class may add or drop a prefix such as "bert.".
+    info["missing_keys"] = [key for key in info.get("missing_keys") or () if _in_source(key, source)]
     problems = {
         key: sorted(info[key])
         for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
@@ -94,7 +98,11 @@ def _load_and_run(folder: Path) -> str:
     )
 
 
-def _load_and_run_expanded_bert(folder: Path, plan: ConversionPlan) -> str:
+def _in_source(key: str, source: SourceCheckpoint) -> bool:
+    return any(name.endswith(key) or key.endswith(name) for name in source.tensors)
+
+
+def _load_and_run_expanded_bert(folder: Path, source: SourceCheckpoint, plan: ConversionPlan) -> str:
     """Repeat each pooled key/value head over its group into a stock-shaped BERT and run it."""
     repeats = plan.num_query_heads // plan.kv_heads_after
     written = read_source(folder)
@@ -109,7 +117,7 @@ def _load_and_run_expanded_bert(folder: Path, plan: ConversionPlan) -> str:
         config = {key: value for key, value in written.config.items() if key != "num_key_value_heads"}
         Path(scratch, CONFIG_NAME).write_text(json.dumps(config))
         save_file(expanded, Path(scratch) / "model.safetensors", metadata={"format": "pt"})
-        _load_and_run(Path(scratch))
+        _load_and_run(Path(scratch), source)
     return (
         f"GQA-BERT: stock BERT cannot load it; its pooled key/value heads, repeated {repeats}x into a "
         f"stock-shaped checkpoint, loaded with from_pretrained (no missing, unexpected or mismatched keys) "
