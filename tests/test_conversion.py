@@ -9,7 +9,6 @@ refusal, the failure paths (nothing left behind) and the command line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -34,6 +33,8 @@ from transformers import (
 from hf_attn_patch.cli import main as cli_main
 from hf_attn_patch.conversion import METHODS, ConversionError, ConversionReport, KVHeads, convert_checkpoint
 from hf_attn_patch.conversion import writer as conversion_writer
+
+from .helpers import tree_hash
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 SHARD_SIZE = "20KB"  # a 2-layer, hidden-64 model then spans 10-20 shards
@@ -118,15 +119,6 @@ def _read_all(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(shard))
     return tensors
-
-
-def _tree_hash(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        digest.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -350,10 +342,10 @@ def test_converted_model_computes_the_group_mean_model(converted, tmp_path, name
 
 def test_source_tree_is_never_modified(sources, tmp_path):
     source = sources("falcon-multi-head-to-grouped")
-    before = _tree_hash(source)
+    before = tree_hash(source)
     convert_checkpoint(source, tmp_path / "a", num_kv_heads=2)
     convert_checkpoint(source, tmp_path / "a", num_kv_heads=1, overwrite=True)
-    assert _tree_hash(source) == before
+    assert tree_hash(source) == before
 
 
 def test_gqa_bert_checkpoint_layout(converted):
@@ -604,11 +596,11 @@ def test_failure_mid_write_leaves_nothing(sources, tmp_path, monkeypatch):
 
 def test_failure_mid_write_keeps_the_old_destination(sources, tmp_path, monkeypatch):
     first = convert_checkpoint(sources("llama-mha-to-gqa"), tmp_path / "dst", num_kv_heads=4)
-    before = _tree_hash(tmp_path / "dst")
+    before = tree_hash(tmp_path / "dst")
     _fail_after_first_shard(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         convert_checkpoint(sources("llama-mha-to-gqa"), tmp_path / "dst", num_kv_heads=1, overwrite=True)
-    assert _tree_hash(tmp_path / "dst") == before and first.kv_heads_after == 4
+    assert tree_hash(tmp_path / "dst") == before and first.kv_heads_after == 4
     assert _leftovers(tmp_path) == []
 
 

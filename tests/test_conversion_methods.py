@@ -8,7 +8,6 @@ a wide margin; and the calibration input, the refusals, the report and the comma
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from hf_attn_patch.conversion import calibrated, convert
 from hf_attn_patch.conversion import writer as conversion_writer
 from hf_attn_patch.conversion.methods import needs_calibration
 
-from .helpers import relative_error
+from .helpers import relative_error, tree_hash
 
 CALIBRATED = ["similarity", "pca"]
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_size=96, max_position_embeddings=64)
@@ -197,7 +196,7 @@ def test_calibration_file_and_report(tmp_path):
     source = _save("bert", tmp_path / "src", tokenizer=True)
     text = tmp_path / "calibration.txt"
     text.write_text("the cat sat on the mat\n\n  the dog ran far  \nand then slept in the sun\n")
-    digest = _tree_hash(source)
+    digest = tree_hash(source)
     report = convert_checkpoint(source, tmp_path / "dst", num_kv_heads=2, method="pca", calibration=text)
     assert report.calibration["sequences"] == 3
     assert report.calibration["tokens"] == 6 + 4 + 6 + 3 * 2  # words, then [CLS] and [SEP] per line
@@ -206,7 +205,7 @@ def test_calibration_file_and_report(tmp_path):
     assert saved["method"] == "pca" and saved["calibration"]["tokens"] == report.calibration["tokens"]
     assert "calibration: 22 tokens in 3 sequences" in report.summary()
     assert "GQA-BERT" in report.verified  # verify="auto" loaded it (expanded) and ran it
-    assert _tree_hash(source) == digest
+    assert tree_hash(source) == digest
 
 
 def test_calibration_as_lists_of_ints(tmp_path):
@@ -228,15 +227,6 @@ def test_cli_calibration_flag(tmp_path, capsys):
     code = cli_main(["convert", str(source), str(tmp_path / "other"), "--kv-heads", "2", "--method", "similarity"])
     assert code == 2 and "needs calibration data" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
-
-
-def _tree_hash(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        digest.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 # --- refusals, all before any work -----------------------------------------------------------

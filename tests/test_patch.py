@@ -24,13 +24,11 @@ from transformers import (
     MistralConfig,
     MistralForCausalLM,
 )
-from transformers.masking_utils import AttentionMaskInterface
-from transformers.modeling_utils import AttentionInterface
 
 from hf_attn_patch import is_patched, patch_model, unpatch_model
 from hf_attn_patch.models import ATTN_IMPLEMENTATION
 
-from .helpers import relative_error
+from .helpers import forbid_stock_attention, relative_error
 
 VOCAB = 128
 DECODER = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -226,19 +224,8 @@ def test_stock_attention_is_not_called(case, device, monkeypatch):
     model, inputs = build(case, device), batch(device, case.decoder)
     patch_model(model)
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("stock attention or a (B, 1, Nq, Nk) mask was used on the patched path")
-
-    for name in ("sdpa", "flex_attention", "flash_attention_2", "paged|eager"):
-        monkeypatch.setitem(AttentionInterface._global_mapping, name, forbidden)
-    for name in ("sdpa", "eager", "flex_attention", "flash_attention_2"):
-        monkeypatch.setitem(AttentionMaskInterface._global_mapping, name, forbidden)
-    monkeypatch.setattr(transformers.masking_utils, "sdpa_mask", forbidden)
-    monkeypatch.setattr(transformers.masking_utils, "eager_mask", forbidden)
-    for family in ("llama", "mistral", "bert"):
-        modeling = getattr(transformers.models, family)
-        monkeypatch.setattr(getattr(modeling, f"modeling_{family}"), "eager_attention_forward", forbidden)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", forbidden)
+    forbid_stock_attention(monkeypatch, ("llama", "mistral", "bert"),
+                           "stock attention or a (B, 1, Nq, Nk) mask was used on the patched path")
 
     logits(model, inputs)
     if case.decoder:

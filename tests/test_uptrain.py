@@ -11,16 +11,15 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
-from transformers.masking_utils import AttentionMaskInterface
-from transformers.modeling_utils import AttentionInterface
 
 from hf_attn_patch import is_patched
 from hf_attn_patch.conversion import convert_checkpoint
 from hf_attn_patch.kernels import _flash_triton
 from hf_attn_patch.models.bert import load_gqa_bert
 from hf_attn_patch.training import UptrainConfig, load_token_ids, lr_at, uptrain
+
+from .helpers import forbid_stock_attention
 
 SEQ = 32
 FAST = dict(seq_len=SEQ, warmup_steps=0, schedule="constant", gradient_checkpointing=False, quiet=True,
@@ -53,19 +52,8 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture
 def stock_attention_forbidden(monkeypatch):
     """Stock attention and 4-D mask builders raise (as in test_patch.py); counts our kernel's backward calls."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("stock attention or a (B, 1, Nq, Nk) mask was used while training a patched model")
-
-    for name in ("sdpa", "flex_attention", "flash_attention_2", "paged|eager"):
-        monkeypatch.setitem(AttentionInterface._global_mapping, name, forbidden)
-    for name in ("sdpa", "eager", "flex_attention", "flash_attention_2"):
-        monkeypatch.setitem(AttentionMaskInterface._global_mapping, name, forbidden)
-    monkeypatch.setattr(transformers.masking_utils, "sdpa_mask", forbidden)
-    monkeypatch.setattr(transformers.masking_utils, "eager_mask", forbidden)
-    for family in ("llama", "bert"):
-        modeling = getattr(transformers.models, family)
-        monkeypatch.setattr(getattr(modeling, f"modeling_{family}"), "eager_attention_forward", forbidden)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", forbidden)
+    forbid_stock_attention(monkeypatch, ("llama", "bert"),
+                           "stock attention or a (B, 1, Nq, Nk) mask was used while training a patched model")
 
     calls = {"backward": 0}
     backward = _flash_triton.backward
