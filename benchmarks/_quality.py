@@ -22,9 +22,26 @@ from pathlib import Path
 
 import torch
 
+from _common import error_string, latest_run
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
+
+
+# --- result rows ---------------------------------------------------------------------------------
+
+
+def header_row(rows: list[dict], kind: str = "run") -> dict:
+    """The newest run's row of `kind` ("run", "end", "pretrain"), or {}."""
+    return next((row for row in latest_run(rows) if row.get("kind") == kind), {})
+
+
+def error_row(benchmark: str, stage: str, method: str, kv_heads: int, error: Exception, **extra) -> dict:
+    """A result row for a conversion or uptraining that failed; the run goes on."""
+    print(f"  kv {kv_heads} {method}: {stage} FAILED: {error_string(error)}")
+    return {"kind": "result", "benchmark": benchmark, **extra, "stage": stage, "method": method,
+            "kv_heads": kv_heads, "error": error_string(error, 400)}
 
 
 # --- conversion ---------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ import torch
 from _common import (RESULTS_DIR, environment, error_string, free_memory, latest_run, read_results, results_path,
                      write_results)
 from _quality import (
+    error_row,
+    header_row,
     method_series,
     available_methods,
     convert,
@@ -161,7 +163,7 @@ def measure(args, size, train_data, held_out, calibration, methods, eval_path, d
                     row = result_row("converted", method, kv_heads, evaluate(converted, held_out, eval_path, device))
                     row["convert"] = conversion
                 except Exception as error:  # one method failing must not lose the others
-                    record(error_row("converted", method, kv_heads, error))
+                    record(error_row(NAME, "converted", method, kv_heads, error))
                     continue
                 record(row)
                 print(f"  kv {kv_heads} {method}: converted, {row['bits_per_byte']:.4f} bits/byte")
@@ -177,7 +179,7 @@ def measure(args, size, train_data, held_out, calibration, methods, eval_path, d
                                      evaluate(Path(result.final_dir), held_out, eval_path, device))
                     row["train"] = train_summary(result)
                 except Exception as error:
-                    record(error_row("uptrained", method, kv_heads, error))
+                    record(error_row(NAME, "uptrained", method, kv_heads, error))
                     continue
                 finally:
                     shutil.rmtree(output, ignore_errors=True)
@@ -303,12 +305,6 @@ def result_row(stage: str, method: str | None, kv_heads: int, loss: float) -> di
             "loss_nats": loss, "bits_per_byte": loss / math.log(2), "ppl": math.exp(loss), "error": None}
 
 
-def error_row(stage: str, method: str, kv_heads: int, error: Exception) -> dict:
-    print(f"  kv {kv_heads} {method}: {stage} FAILED: {error_string(error)}")
-    return {"kind": "result", "benchmark": NAME, "stage": stage, "method": method, "kv_heads": kv_heads,
-            "error": error_string(error, 400)}
-
-
 def _cell(row: dict | None) -> str:
     if row is None:
         return "-"
@@ -331,20 +327,16 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return columns, lines
 
 
-def _header(rows: list[dict], kind: str = "run") -> dict:
-    return next((row for row in latest_run(rows) if row.get("kind") == kind), {})
-
-
 def print_results(rows: list[dict]) -> None:
-    run = _header(rows)
+    run = header_row(rows)
     columns, lines = _table(rows)
     print_table(f"byte-level Llama on the stdlib: held-out bits per byte / perplexity per byte "
                 f"({run.get('device')}, eval {run.get('settings', {}).get('eval_path')})", columns, lines)
 
 
 def markdown(rows: list[dict]) -> str:
-    run = _header(rows)
-    settings, pretrain, end = run.get("settings", {}), _header(rows, "pretrain"), _header(rows, "end")
+    run = header_row(rows)
+    settings, pretrain, end = run.get("settings", {}), header_row(rows, "pretrain"), header_row(rows, "end")
     data = settings.get("data", {})
     smoke = " **CPU smoke run: not results.**" if settings.get("quick") else ""
     note = (f"{run.get('device')}, {run.get('date')}, `{run.get('command')}`; model {settings.get('model')}; "
@@ -363,7 +355,7 @@ def markdown(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> Path | None:
     results = [row for row in latest_run(rows) if row.get("kind") == "result" and not row.get("error")]
     series, original = method_series(results, "bits_per_byte")
-    run = _header(rows)
+    run = header_row(rows)
     title = f"byte-level Llama, stdlib held-out ({run.get('device')}, {run.get('date')})"
     return plot_lines(path, title, "held-out bits per byte (lower is better)", series,
                       original["bits_per_byte"] if original else None, "original (MHA)")

@@ -46,6 +46,8 @@ import torch
 from _common import (RESULTS_DIR, environment, error_string, free_memory, latest_run, read_results, results_path,
                      write_results)
 from _quality import (
+    error_row,
+    header_row,
     method_series,
     DATA_DIR,
     available_methods,
@@ -135,7 +137,7 @@ def measure(args, model_dir, tokenizer, sentences, calibration, data, methods, e
                     row = result_row("converted", method, kv_heads, evaluate(converted), reference)
                     row["convert"] = conversion
                 except Exception as error:  # one method failing must not lose the others
-                    record(error_row("converted", method, kv_heads, error))
+                    record(error_row(NAME, "converted", method, kv_heads, error, model=MODEL_NAME))
                     continue
                 record(row)
                 converted_rows.append(row)
@@ -154,7 +156,7 @@ def measure(args, model_dir, tokenizer, sentences, calibration, data, methods, e
                     row = result_row("uptrained", method, kv_heads, evaluate(result.final_dir), reference)
                     row["train"] = train_summary(result)
                 except Exception as error:
-                    record(error_row("uptrained", method, kv_heads, error))
+                    record(error_row(NAME, "uptrained", method, kv_heads, error, model=MODEL_NAME))
                     continue
                 finally:
                     shutil.rmtree(scratch / f"train-kv{kv_heads}-{method}", ignore_errors=True)
@@ -287,12 +289,6 @@ def result_row(stage: str, method: str | None, kv_heads: int, embeddings: torch.
     }
 
 
-def error_row(stage: str, method: str, kv_heads: int, error: Exception) -> dict:
-    print(f"  kv {kv_heads} {method}: {stage} FAILED: {error_string(error)}")
-    return {"kind": "result", "benchmark": NAME, "model": MODEL_NAME, "stage": stage, "method": method,
-            "kv_heads": kv_heads, "error": error_string(error, 400)}
-
-
 def similarity_rank_correlation(embeddings: torch.Tensor, reference: torch.Tensor) -> float:
     """Spearman correlation of the pairwise cosine similarities (upper triangle) with the reference's."""
 
@@ -356,12 +352,8 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return columns, lines
 
 
-def _header(rows: list[dict], kind: str = "run") -> dict:
-    return next((row for row in latest_run(rows) if row.get("kind") == kind), {})
-
-
 def print_results(rows: list[dict]) -> None:
-    run = _header(rows)
+    run = header_row(rows)
     columns, lines = _table(rows)
     title = (f"{MODEL_NAME}: sentence-embedding cosine to the original ({run.get('device')}, "
              f"eval {run.get('settings', {}).get('eval_path')})")
@@ -369,21 +361,21 @@ def print_results(rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    run = _header(rows)
+    run = header_row(rows)
     settings = run.get("settings", {})
     columns, lines = _table(rows)
     smoke = " **CPU smoke run: not results.**" if settings.get("quick") else ""
     note = (f"{run.get('device')}, {run.get('date')}, `{run.get('command')}`, eval path "
             f"{settings.get('eval_path')} ({settings.get('eval_dtype')}), {settings.get('sentences')} sentences, "
             f"uptraining {settings.get('steps')} steps x {settings.get('batch_size')} x {settings.get('seq_len')} "
-            f"tokens, {_header(rows, 'end').get('seconds', '?')} s in all.{smoke}")
+            f"tokens, {header_row(rows, 'end').get('seconds', '?')} s in all.{smoke}")
     return note + "\n\n" + markdown_table(columns, lines)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
     results = [row for row in latest_run(rows) if row.get("kind") == "result" and not row.get("error")]
     series, original = method_series(results, "cos_mean", QUERY_HEADS)
-    run = _header(rows)
+    run = header_row(rows)
     title = f"{MODEL_NAME}: embedding cosine to the original ({run.get('device')}, {run.get('date')})"
     return plot_lines(path, title, "mean cosine similarity", series,
                       original["cos_mean"] if original else None, "original, eval dtype")
