@@ -303,10 +303,13 @@ def profile_decode(model, inputs, steps: int, device) -> dict:
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0))
     top = sorted(by_name.items(), key=lambda item: -item[1])[:5]
+    # Where the host's time goes: the step is launch-bound, so the CPU ops say more than the kernels.
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
     return {
         "gpu_busy_ms_per_step": busy_us / 1e3 / steps,
         "kernels_per_step": len(kernels) / steps,
         "top_kernels_ms_per_step": {name[:80]: us / 1e3 / steps for name, us in top},
+        "top_host_ops_self_ms_per_step": {e.key[:80]: e.self_cpu_time_total / 1e3 / steps for e in host},
     }
 
 

@@ -187,3 +187,28 @@ def test_token_files_and_schedule(tmp_path):
                            min_lr_ratio=0.1)
     assert [lr_at(s, config) for s in (0, 1)] == [0.5, 1.0]
     assert lr_at(2, config) == pytest.approx(1.0) and lr_at(12, config) == pytest.approx(0.1)
+
+
+def test_hidden_distillation_loss_matches_tokens_and_pooled_embedding():
+    """Zero for equal states; padded positions change nothing; the pooled term is there."""
+    from hf_attn_patch.training import hidden_distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 7, 16)
+    student = teacher + 0.3 * torch.randn(3, 7, 16)
+    mask = torch.ones(3, 7)
+    mask[1, 5:] = 0
+    assert hidden_distillation_loss(teacher, teacher.clone(), mask).item() == pytest.approx(0.0, abs=1e-6)
+
+    loss = hidden_distillation_loss(student, teacher, mask)
+    moved = student.clone()
+    moved[1, 5:] += 10.0  # padding only
+    assert hidden_distillation_loss(moved, teacher, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+
+    # Independent reference: per-token cos + MSE over real tokens, plus the pooled cosine term.
+    real = mask.bool()
+    per_token = (1 - torch.nn.functional.cosine_similarity(student, teacher, dim=-1)) + (student - teacher).pow(2).mean(-1)
+    pooled = [torch.nn.functional.cosine_similarity(student[b][real[b]].mean(0), teacher[b][real[b]].mean(0), dim=0)
+              for b in range(3)]
+    expected = per_token[real].mean() + torch.stack([1 - p for p in pooled]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -38,8 +38,8 @@ class UptrainConfig:
     teacher: the original (unconverted) model, folder or instance, to distil from. Causal LMs:
         loss = (1 - distill_weight) * LM loss + distill_weight * T^2 * KL(teacher_T || student_T),
         T = distill_temperature. Encoders (no LM head): loss = mean over tokens of
-        (1 - cos) + MSE between the student's and the teacher's last hidden states; an encoder
-        needs a teacher.
+        (1 - cos) + MSE between the student's and the teacher's last hidden states, plus
+        (1 - cos) of their mean-pooled states; an encoder needs a teacher.
     batch_size: sequences per process per micro-step; one optimizer step sees
         batch_size * grad_accum * num_processes sequences.
     mixed_precision: "auto" is bf16 on CUDA and "no" on the CPU.

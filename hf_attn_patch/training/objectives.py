@@ -30,13 +30,19 @@ def logit_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temper
 
 def hidden_distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
                              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over (real) tokens of (1 - cosine) + MSE between hidden states (B, N, H)."""
+    """Distance between last hidden states (B, N, H), student vs teacher; 0 when they agree.
+
+    Mean over (real) tokens of (1 - cos) + MSE, plus the mean over sequences of (1 - cos) of the
+    mean-pooled states: an encoder is mostly used through that pooled sentence embedding, and
+    matching it directly is what moves its similarity to the teacher's (docs/uptraining.md).
+    """
     s, t = student.float(), teacher.float()
+    mask = torch.ones(s.shape[:2], device=s.device) if attention_mask is None else attention_mask.to(s.dtype)
     per_token = (1 - F.cosine_similarity(s, t, dim=-1)) + (s - t).pow(2).mean(-1)
-    if attention_mask is None:
-        return per_token.mean()
-    mask = attention_mask.to(per_token.dtype)
-    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+    tokens = (per_token * mask).sum() / mask.sum().clamp_min(1)
+    counts = mask.sum(1, keepdim=True).clamp_min(1)
+    pooled_s, pooled_t = (s * mask[..., None]).sum(1) / counts, (t * mask[..., None]).sum(1) / counts
+    return tokens + (1 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
 
 
 class Objective:
