@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
              "quick": args.quick}
     rows: list[dict] = []
     started = time.perf_counter()
-    benches = [bench_generate(sizes, args.providers, device, dtype, args.repeats)]
+    benches = [] if args.no_generate else [bench_generate(sizes, args.providers, device, dtype, args.repeats)]
     if not args.no_decode_profile:
         benches.append(bench_decode_step(sizes, [p for p in args.providers if p in PROVIDERS], device, dtype))
     if not args.no_prefill:
@@ -167,6 +167,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed runs after the warm-up, median taken (default 3; 1 with --quick)")
     parser.add_argument("--no-decode-profile", action="store_true", help="skip the bare decode-step rows")
     parser.add_argument("--no-prefill", action="store_true", help="skip the Mistral 16k prefill rows")
+    parser.add_argument("--no-generate", action="store_true", help="skip the generate rows")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)

@@ -1,0 +1,67 @@
+"""Host time of one attention call at decode shape, layer by layer of our call stack.
+
+A decode step of a 1B model is bound by the host launching kernels (benchmarks/generate.py's
+decode-step profile), so every microsecond of Python per attention call counts 16 times a
+token. This times, per call, without synchronising (the GPU lags behind; only the host cost is
+measured): the Triton launch (`_flash_triton.forward`), the torch custom op around it (what
+autograd and torch.compile go through), `flash_attention` (checks included), and a floor of
+two tensor allocations; then a cProfile of the launch.
+
+    python benchmarks/host_overhead.py            # CUDA GPU
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_attn_patch.kernels import _flash_triton, flash_attention  # noqa: E402
+
+
+def per_call_us(fn, calls: int = 2000) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
+def main() -> None:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, 1, 128, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 2049, 128, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    args = (q, k, v, None, None, -1, 0, 128**-0.5)
+    rows = {
+        "Triton launch (_flash_triton.forward)": lambda: _flash_triton.forward(*args),
+        "torch custom op": lambda: torch.ops.hf_attn_patch.flash_attention_forward(*args),
+        "flash_attention (checks + custom op)": lambda: flash_attention(q, k, v, causal=True),
+        "torch.empty x2 (floor of any launcher)": lambda: (torch.empty_like(q), torch.empty(1, 32, 1, device=device)),
+    }
+    with torch.no_grad():
+        for name, fn in rows.items():
+            print(f"{per_call_us(fn):8.1f} us  {name}")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(500):
+            _flash_triton.forward(*args)
+        profiler.disable()
+        torch.cuda.synchronize()
+    print("\ncProfile of 500 launches (by own time):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
