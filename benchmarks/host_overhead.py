@@ -5,7 +5,8 @@ decode-step profile), so every microsecond of Python per attention call counts 1
 token. This times, per call, without synchronising (the GPU lags behind; only the host cost is
 measured): the Triton launch (`_flash_triton.forward`), the torch custom op around it (what
 autograd and torch.compile go through), `flash_attention` (checks included), and a floor of
-two tensor allocations; then a cProfile of the launch.
+two tensor allocations; then a cProfile of the launch, and of whole decode steps of generate.py's
+Llama-1B shape (sdpa and patched).
 
     python benchmarks/host_overhead.py            # CUDA GPU
 """
@@ -61,6 +62,32 @@ def main() -> None:
         torch.cuda.synchronize()
     print("\ncProfile of 500 launches (by own time):")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    decode_step_profiles()
+
+
+def decode_step_profiles(steps: int = 30) -> None:
+    """Wall time of a bare decode step of generate.py's Llama-1B shape, sdpa vs patched, and a
+    cProfile of the patched steps: where the host's time goes outside torch's own ops."""
+    from generate import FULL, build, provider_context, random_prompts
+
+    model = build("llama", FULL.llama, torch.device("cuda"), torch.bfloat16)
+    inputs = random_prompts(1, 2048, model.config.vocab_size, torch.device("cuda"))
+    for provider in ("sdpa", "patched"):
+        with torch.no_grad(), provider_context(model, provider):
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            cache, next_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(3):
+                next_ids = model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            profiler = cProfile.Profile()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            profiler.enable()
+            for _ in range(steps):
+                next_ids = model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            profiler.disable()
+            print(f"\n{provider}: {(time.perf_counter() - start) / steps * 1e3:.1f} ms a decode step under cProfile")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
