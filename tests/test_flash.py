@@ -142,6 +142,30 @@ def test_output_layout_makes_transpose_free(device):
     assert out.transpose(1, 2).is_contiguous()
 
 
+def test_repeat_launches_reuse_the_tuned_config_and_skip_the_custom_op(device, monkeypatch):
+    """Eager inference launches the kernel directly, and after the autotuner's first choice for
+    a tuning key, without the autotuner; every launch must still match the reference."""
+    from hf_attn_patch.kernels import _flash_triton
+
+    def no_custom_op(*args, **kwargs):
+        raise AssertionError("eager inference went through the custom op")
+
+    monkeypatch.setattr(torch.ops.hf_attn_patch, "flash_attention_forward", no_custom_op)
+    monkeypatch.setattr(_flash_triton, "_CHOSEN_CONFIGS", {})
+    mask = None
+    for seed in range(3):  # same tuning key each time, fresh inputs (lengths 23..25: one bucket)
+        q, k, v = make_inputs(2, 4, 2, 23 + seed, 23 + seed, 32, torch.float32, device, seed=seed)
+        mask = left_padding_mask(2, 23 + seed, device, seed=seed)
+        with torch.no_grad():
+            out = flash_attention(q, k, v, causal=True, key_padding_mask=mask)
+        expected = attention_reference(q, k, v, causal=True, key_padding_mask=mask)
+        assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    assert len(_flash_triton._CHOSEN_CONFIGS) == 1  # one key, tuned once, reused twice
+    # With gradients wanted, the call goes through the custom op (and its autograd).
+    with pytest.raises(AssertionError, match="custom op"):
+        flash_attention(q.requires_grad_(), k, v, causal=True, key_padding_mask=mask)
+
+
 def test_compiles_without_graph_breaks(device):
     q, k, v = (t.requires_grad_() for t in make_inputs(1, 4, 2, 24, 24, 16, torch.float32, device))
 
