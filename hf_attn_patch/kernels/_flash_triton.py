@@ -103,7 +103,7 @@ def _launch_tuned(kernel, grid, args: tuple, static: dict, dtypes: tuple) -> Non
     """Launch an autotuned kernel; after its first launch for a tuning key, without the autotuner.
 
     Triton's `Autotuner.run` rebuilds dicts of all ~40 arguments on every call to find its
-    cached choice: 50 us of host time a launch on the H100 machine's host, paid by every layer
+    cached choice: ~60 us of host time a launch on an H100 machine's host, paid by every layer
     of every decode step, which is launch-bound (benchmarks/host_overhead.py). The first launch
     goes through it (tuning, or its single config); later ones reuse its choice directly.
     """
