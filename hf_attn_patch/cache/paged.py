@@ -130,8 +130,12 @@ class PagedKVCache(Cache):
 
     # --- the Cache API that generate and the models use --------------------------------------
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        """Prompt: keep K/V for the hook, return them. Decode: write the token, return it."""
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Prompt: keep K/V for the hook, return them. Decode: write the token, return it.
+
+        Extra arguments are what transformers passes along (`cache_kwargs` up to 5.23, the
+        model's `kwargs=` from 5.24); the paged cache needs none of them.
+        """
         layer = self.layers[layer_idx]
         self._check_kv(key_states, layer_idx)
         if layer.seen == 0:
