@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     convert.set_defaults(run=_run_convert)
 
+    info = commands.add_parser("info", help="versions, GPU and supported range: paste this into a bug report")
+    info.set_defaults(run=_run_info)
+
     args = parser.parse_args(argv)
     return args.run(args) or 0
 
@@ -58,6 +61,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo()
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .info import format_info
+
+    print(format_info())
+    return 0
 
 
 def _run_convert(args: argparse.Namespace) -> int:

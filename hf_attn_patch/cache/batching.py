@@ -6,12 +6,14 @@ a chunk of it), most decoding one token. Its cache keeps K/V in its own pages, a
 flat `read_index` / `write_index` it hands to the attention function with the `cache` itself.
 
 Our attention entry lets transformers' cache do the bookkeeping it owns (write the new K/V,
-gather each request's context, with its sliding-window rules) through the stock `update`, then
+gather each request's context, with its sliding-window rules) through the stock `update` (called
+by us or, from 5.24, by the attention module itself: `_compat.continuous_batching_kv`), then
 runs the attention itself with `paged_attention`: every query token is a decode query whose
 "pages" are the gathered rows (one token per page), so prompts, prompt chunks and decode steps
 of any mix go through one launch per layer, with GQA read natively and no (Tq, Tk) mask built.
 
-How continuous batching picks the entry depends on the transformers version:
+How continuous batching picks the entry depends on the transformers version
+(`_compat.continuous_batching_prefixes_paged`):
 
 * up to 5.22 it prefixes the model's implementation with "paged|": a model patched by
   `patch_model` ("hf_attn_patch") becomes "paged|hf_attn_patch", registered here, so
@@ -24,13 +26,11 @@ How continuous batching picks the entry depends on the transformers version:
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 
 import torch
 from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .._compat import continuous_batching_kv, continuous_batching_prefixes_paged, is_continuous_batching_call
 from ..kernels import paged_attention
 
 __all__ = ["PAGED_PREFIX_NAME", "FLASH_STYLE_NAME", "continuous_batching", "continuous_batching_attention"]
@@ -56,14 +56,14 @@ def continuous_batching_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """AttentionInterface entry for continuous batching: (1, Hq, Tq, D) -> ((1, Tq, Hq, D), None)."""
-    if cache is None:
+    if not is_continuous_batching_call(cache, kwargs):
         raise ValueError(
             f"{PAGED_PREFIX_NAME!r} / {FLASH_STYLE_NAME!r} serve transformers' continuous batching only "
             "(generate_batch): they need its paged cache. Use the patched model's own implementation otherwise."
         )
     if dropout and module.training:
         raise ValueError("continuous batching runs in eval mode; attention dropout is not supported")
-    key, value, cu_seq_lens_k, max_len_k = _update_stock_cache(cache, module.layer_idx, key, value, sliding_window, kwargs)
+    key, value, cu_seq_lens_k, max_len_k = continuous_batching_kv(cache, module.layer_idx, key, value, sliding_window, kwargs)
     out = varlen_decode_attention(
         query[0].transpose(0, 1),  # (Tq, Hq, D), a strided view
         key,
@@ -113,7 +113,7 @@ def continuous_batching(model):
 
     Needed from transformers 5.23 on (see the module docstring); a no-op before.
     """
-    if _prefixes_paged():
+    if continuous_batching_prefixes_paged():
         yield model
         return
     configs = _attention_configs(model)
@@ -133,46 +133,7 @@ def register() -> None:
         AttentionInterface.register(name, continuous_batching_attention)
 
 
-# --- transformers-version glue ------------------------------------------------------------------
-
-
-def _update_stock_cache(cache, layer_idx, key, value, sliding_window, kwargs):
-    """Write the new K/V with the cache's own update and get each request's packed context.
-
-    Returns key, value (Tk, Hkv, D), cu_seq_lens_k for this layer and the longest context.
-    """
-    if _update_takes_kwargs(type(cache)):  # transformers >= 5.23: picks this layer's lengths itself
-        key, value = cache.update(key_states=key, value_states=value, layer_idx=layer_idx, kwargs=kwargs)
-        key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)
-        cu_seq_lens_k = kwargs["cu_seq_lens_k"]
-        max_len_k = kwargs.get("max_length_k")
-    else:  # up to 5.22: (Tk, Hkv, D) back; lengths per layer type when the model mixes them
-        key, value = cache.update(
-            key_states=key, value_states=value, layer_idx=layer_idx,
-            read_index=kwargs["read_index"], write_index=kwargs["write_index"],
-        )
-        layer_type = "sliding_attention" if sliding_window else "full_attention"
-        cu_seq_lens_k = _for_layer(kwargs["cu_seq_lens_k"], layer_type)
-        max_len_k = _for_layer(kwargs.get("max_seqlen_k"), layer_type)
-    if max_len_k is None or (isinstance(max_len_k, int) and max_len_k <= 1):
-        # Not given (or replaced by a constant for compiled graphs): read it, one sync.
-        max_len_k = int((cu_seq_lens_k[1:] - cu_seq_lens_k[:-1]).max())
-    return key, value, cu_seq_lens_k, max_len_k
-
-
-def _for_layer(value, layer_type):
-    return value[layer_type] if isinstance(value, dict) else value
-
-
-@functools.lru_cache(maxsize=None)
-def _update_takes_kwargs(cache_type) -> bool:
-    return "kwargs" in inspect.signature(cache_type.update).parameters
-
-
-@functools.lru_cache(maxsize=None)
-def _prefixes_paged() -> bool:
-    """True when continuous batching adds "paged|" to the model's implementation (<= 5.22)."""
-    return "paged|sdpa" in ALL_ATTENTION_FUNCTIONS._global_mapping
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def _attention_configs(model):

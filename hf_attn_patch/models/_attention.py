@@ -16,7 +16,7 @@ from ..cache import paged_decode_or_none
 from ..kernels import flash_attention
 from ..kernels.reference import visibility
 
-__all__ = ["attend", "autocast_inputs", "align_to_keys", "dense_mask", "warn_once"]
+__all__ = ["attend", "autocast_inputs", "align_to_keys", "dense_mask", "weights_over_keys", "warn_once"]
 
 
 def attend(
@@ -89,6 +89,17 @@ def align_to_keys(
     if n < k_len:
         return key_padding_mask, key[:, :, :n], value[:, :, :n]
     return key_padding_mask, key, value
+
+
+def weights_over_keys(weights: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
+    """Attention weights over all Nk keys the cache returned, as stock returns them.
+
+    `align_to_keys` cuts a static cache's unwritten slots before the attention runs; stock
+    attends over them masked, so its weights have zero columns there. Put those columns back.
+    """
+    if weights is None or weights.shape[-1] >= k_len:
+        return weights
+    return torch.nn.functional.pad(weights, (0, k_len - weights.shape[-1]))
 
 
 def dense_mask(

@@ -21,7 +21,7 @@ from transformers import masking_utils
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from ._attention import align_to_keys, attend, dense_mask, warn_once
+from ._attention import align_to_keys, attend, dense_mask, warn_once, weights_over_keys
 
 # Deliberately free of "flash", "sdpa", "flex" and "paged": transformers switches behaviour on
 # those substrings of the implementation name.
@@ -58,6 +58,7 @@ def attention_forward(
     if not (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)):
         return _stock_with_dense_mask(module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
+    k_len = key.shape[2]
     attention_mask, key, value = align_to_keys(attention_mask, key, value)
 
     wants_weights = kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False)
@@ -78,7 +79,8 @@ def attention_forward(
         mask = dense_mask(
             query.shape[2], key, causal=causal, window=window, key_padding_mask=attention_mask, dtype=query.dtype
         )
-        return _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs)
+        out, weights = _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs)
+        return out, weights_over_keys(weights, k_len)
 
     out = attend(module, query, key, value, causal=causal, window=window, key_padding_mask=attention_mask, scale=scaling)
     return out, None

@@ -27,14 +27,16 @@ import types
 import torch
 import torch.nn.functional as F
 from transformers.models.falcon.modeling_falcon import (
+    FALCON_ATTENTION_CLASSES,
     FalconAttention,
     FalconPreTrainedModel,
     apply_rotary_pos_emb,
     build_alibi_tensor,
 )
 
-from ._attention import align_to_keys, attend, dense_mask, warn_once
+from ._attention import align_to_keys, attend, dense_mask, warn_once, weights_over_keys
 from ._family import Family, Undo, head_dim_problem
+from ._interface import ATTN_IMPLEMENTATION
 
 __all__ = ["FAMILY"]
 
@@ -72,6 +74,7 @@ def _falcon_forward(module, slopes, hidden_states, alibi, attention_mask, layer_
         key, value = layer_past.update(key, value, module.layer_idx)
 
     dense_given = attention_mask is not None and attention_mask.dim() != 2
+    k_len = key.shape[2]
     if not dense_given:
         attention_mask, key, value = align_to_keys(attention_mask, key, value)
     alibi_slopes = slopes.on(query.device) if alibi is not None else None
@@ -80,6 +83,7 @@ def _falcon_forward(module, slopes, hidden_states, alibi, attention_mask, layer_
     if dense_given or output_attentions or dropout > 0:
         out, weights = _eager_fallback(module, query, key, value, attention_mask, alibi_slopes, dropout,
                                        dense_given, output_attentions)
+        weights = weights_over_keys(weights, k_len)
     else:
         out = attend(module, query, key, value, causal=True, key_padding_mask=attention_mask,
                      alibi_slopes=alibi_slopes, scale=module.inv_norm_factor)
@@ -151,6 +155,28 @@ class _AlibiSlopes:
         if device not in self._by_device:
             self._by_device[device] = next(iter(self._by_device.values())).to(device)
         return self._by_device[device]
+
+
+class KernelFalconAttention(FalconAttention):
+    """What FalconDecoderLayer builds from a config that names our implementation.
+
+    A patched model's config says `_attn_implementation = "hf_attn_patch"`, and Falcon picks its
+    attention class by that name, so a model built from that config (or a copy of it) needs a
+    class under it: this one runs the same forward as a patched module. Llama, Mistral and BERT
+    need nothing alike, they look up the function at each call.
+    """
+
+    def forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
+                use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+        if "_hf_attn_patch_slopes" not in self.__dict__:
+            self._hf_attn_patch_slopes = _AlibiSlopes(self) if self.config.alibi else None
+        return _falcon_forward(self, self._hf_attn_patch_slopes, hidden_states, alibi, attention_mask,
+                               layer_past, output_attentions, position_embeddings)
+
+
+def register_attention_class() -> None:
+    """Let Falcon build models from a config that names our implementation (idempotent)."""
+    FALCON_ATTENTION_CLASSES[ATTN_IMPLEMENTATION] = KernelFalconAttention
 
 
 FAMILY = Family(

@@ -1,0 +1,115 @@
+"""Everything that exists because of a transformers version, in one place.
+
+hf-attn-patch patches transformers from outside, so its internals change under us between
+minor releases. The range we test is `TESTED_TRANSFORMERS` (pyproject.toml states the same
+bounds; CI runs the whole suite on both ends). Each shim below says which versions need it.
+Families and caches call these functions and never compare versions themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+# Keep in step with the `transformers` requirement in pyproject.toml (a test checks they agree).
+# The upper bound is the first minor release CI has not run yet; raising it comes with a green CI
+# run on the new version. (5.25.0 is out, but it needs `kernels>=0.19.1`, which the package
+# registry we install from does not have yet: 5.24 is the newest release a user can install.)
+TESTED_TRANSFORMERS = ">=5.17,<5.25"
+
+__all__ = [
+    "TESTED_TRANSFORMERS",
+    "transformers_in_tested_range",
+    "warn_if_untested_transformers",
+    "continuous_batching_prefixes_paged",
+    "continuous_batching_kv",
+    "is_continuous_batching_call",
+]
+
+
+def transformers_in_tested_range(version: str | None = None) -> bool:
+    installed = Version(version or transformers.__version__)
+    return installed.base_version in SpecifierSet(TESTED_TRANSFORMERS)
+
+
+@functools.cache
+def warn_if_untested_transformers() -> None:
+    """Warn once per process when the installed transformers is outside the tested range."""
+    if transformers_in_tested_range():
+        return
+    warnings.warn(
+        f"hf_attn_patch is tested with transformers {TESTED_TRANSFORMERS}; this is "
+        f"{transformers.__version__}. Patching anyway: compare outputs with the unpatched model, and "
+        "report what breaks (`hf-attn-patch info` prints what a bug report needs).",
+        stacklevel=3,
+    )
+
+
+# --- continuous batching (generate_batch) --------------------------------------------------------
+
+
+@functools.cache
+def continuous_batching_prefixes_paged() -> bool:
+    """Up to 5.22 continuous batching runs the model as "paged|<its implementation>"; from 5.23
+    it accepts only "sdpa", "paged|eager" or a name containing "flash"."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return "paged|sdpa" in ALL_ATTENTION_FUNCTIONS._global_mapping
+
+
+def continuous_batching_kv(cache, layer_idx, key, value, sliding_window, kwargs):
+    """The packed context of one layer in continuous batching, wherever this version writes it.
+
+    Returns key, value as (Tk, Hkv, D), this layer's cu_seq_lens_k, and the longest context.
+
+    * from 5.24 the attention module itself calls `cache.update(..., kwargs=kwargs)` before the
+      attention function (which then gets no `cache`): key/value (1, Hkv, Tk, D) are already the
+      gathered context, and kwargs already hold this layer's lengths;
+    * 5.23 hands the cache to the attention function, whose `update(..., kwargs=kwargs)` writes
+      the new K/V, gathers the context as (1, Hkv, Tk, D) and picks this layer's lengths;
+    * up to 5.22 `update(read_index=, write_index=)` returns (Tk, Hkv, D), and the lengths are
+      per layer type when the model mixes full and sliding layers.
+    """
+    if cache is None:  # >= 5.24
+        key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)
+        cu_seq_lens_k, max_len_k = kwargs["cu_seq_lens_k"], kwargs.get("max_length_k")
+    elif _update_takes_kwargs(type(cache)):  # 5.23
+        key, value = cache.update(key_states=key, value_states=value, layer_idx=layer_idx, kwargs=kwargs)
+        key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)
+        cu_seq_lens_k, max_len_k = kwargs["cu_seq_lens_k"], kwargs.get("max_length_k")
+    else:  # <= 5.22
+        key, value = cache.update(
+            key_states=key, value_states=value, layer_idx=layer_idx,
+            read_index=kwargs["read_index"], write_index=kwargs["write_index"],
+        )
+        layer_type = "sliding_attention" if sliding_window else "full_attention"
+        cu_seq_lens_k = _for_layer(kwargs["cu_seq_lens_k"], layer_type)
+        max_len_k = _for_layer(kwargs.get("max_seqlen_k"), layer_type)
+    if max_len_k is None or (isinstance(max_len_k, int) and max_len_k <= 1):
+        # Not given (or replaced by a constant for compiled graphs): read it, one sync.
+        max_len_k = int((cu_seq_lens_k[1:] - cu_seq_lens_k[:-1]).max())
+    return key, value, cu_seq_lens_k, max_len_k
+
+
+def is_continuous_batching_call(cache, kwargs) -> bool:
+    """Does this attention call come from continuous batching? (It carries packed lengths and
+    the cache's read/write indices; from 5.24 without the cache itself.)"""
+    if cache is not None:
+        return True
+    cu_k = kwargs.get("cu_seq_lens_k")
+    return isinstance(cu_k, torch.Tensor) and "read_index" in kwargs and "write_index" in kwargs
+
+
+def _for_layer(value, layer_type):
+    return value[layer_type] if isinstance(value, dict) else value
+
+
+@functools.cache
+def _update_takes_kwargs(cache_type) -> bool:
+    return "kwargs" in inspect.signature(cache_type.update).parameters
