@@ -20,6 +20,7 @@ from typing import Sequence, Union
 import torch
 
 from .errors import ConversionError
+from .listing import unreadable
 from .methods import LayerStatistics
 from .plan import ConversionPlan
 
@@ -136,7 +137,11 @@ def collect_statistics(
 def _tokenize_file(path: Path, source_dir: Path, config: dict) -> list[torch.Tensor]:
     if not path.is_file():
         raise ConversionError(f"calibration file {str(path)!r} does not exist or is not a file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise unreadable(path, "the calibration file", error) from None
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise ConversionError(f"calibration file {str(path)!r} holds no text")

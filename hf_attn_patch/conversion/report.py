@@ -66,7 +66,7 @@ class ConversionReport:
                 f"sequences ({self.calibration['source']}), {self.calibration['seconds']:.1f} s"
             )
         if self.skipped_files:
-            lines.append(f"  left out (other weight formats, hidden files): {', '.join(self.skipped_files)}")
+            lines.append(f"  left out (other weight formats, hidden entries): {', '.join(self.skipped_files)}")
         lines += [f"  note: {note}" for note in self.notes]
         lines.append(f"  report: {Path(self.destination) / REPORT_NAME}")
         return "\n".join(lines)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from .errors import ConversionError
+from .listing import SourceTree, list_tree, unreadable
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -83,15 +85,18 @@ def read_source(root: str | os.PathLike) -> SourceCheckpoint:
     """Read and check a checkpoint folder's layout; raise ConversionError on anything wrong."""
     root = Path(root)
     if not root.is_dir():
+        problem = "is not a folder" if root.exists() else "does not exist"
         raise ConversionError(
-            f"source {str(root)!r} is not a folder; pass a checkpoint folder with config.json"
+            f"source {str(root)!r} {problem}; pass a checkpoint folder with config.json"
         )
+    tree = list_tree(root)  # first: whatever cannot be read is refused before anything else
     config = _read_config(root)
-    shards, index = _find_shards(root)
+    shards, index = _find_shards(root, tree)
     tensors, shard_metadata = _read_headers(root, shards)
     if index is not None:
         _check_index_matches(index, tensors)
-    copied, skipped = _classify_other_files(root, set(shards))
+        _check_every_shard_is_listed(root, index, tree)
+    copied, skipped = _classify_other_files(tree, set(shards))
     return SourceCheckpoint(root, config, shards, tensors, shard_metadata, index, copied, skipped)
 
 
@@ -101,16 +106,24 @@ def _read_config(root: Path) -> dict:
         raise ConversionError(
             f"{str(root)!r} has no {CONFIG_NAME}; a Hugging Face checkpoint folder needs one"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path} is not valid JSON ({error}); fix or re-download it") from None
+    config = _read_json(path, "the config")
     if not isinstance(config, dict):
         raise ConversionError(f"{path} does not hold a JSON object; it is not a model config")
     return config
 
 
-def _find_shards(root: Path) -> tuple[tuple[str, ...], dict | None]:
+def _read_json(path: Path, what: str):
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise unreadable(path, what, error) from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:  # RecursionError: absurdly deep nesting
+        raise ConversionError(f"{path} is not valid JSON ({error}); fix or re-download it") from None
+
+
+def _find_shards(root: Path, tree: SourceTree) -> tuple[tuple[str, ...], dict | None]:
     has_single = (root / SINGLE_FILE_NAME).is_file()
     has_index = (root / INDEX_NAME).is_file()
     if has_single and has_index:
@@ -129,7 +142,7 @@ def _find_shards(root: Path) -> tuple[tuple[str, ...], dict | None]:
                     f"{INDEX_NAME} names shard {shard!r}, which is missing from {str(root)!r}"
                 )
         return shards, index
-    pickles = sorted(p.name for p in root.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    pickles = [name for name in tree.files if "/" not in name and name.endswith(_PICKLE_SUFFIXES)]
     if pickles:
         raise ConversionError(
             f"{str(root)!r} holds only pickle weights ({', '.join(pickles)}). Only safetensors "
@@ -143,10 +156,7 @@ def _find_shards(root: Path) -> tuple[tuple[str, ...], dict | None]:
 
 
 def _read_index(path: Path) -> dict:
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path} is not valid JSON ({error}); fix or re-download it") from None
+    index = _read_json(path, "the shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(f"{path} has no 'weight_map'; it is not a safetensors shard index")
@@ -195,19 +205,67 @@ def _check_index_matches(index: dict, tensors: dict[str, TensorInfo]) -> None:
         )
 
 
-def _classify_other_files(root: Path, shards: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+# "model-00003-of-00016.safetensors": the numbering transformers gives the shards of one checkpoint.
+_NUMBERED_SHARD = re.compile(r"(?P<stem>.+)-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors")
+
+
+def _check_every_shard_is_listed(root: Path, index: dict, tree: SourceTree) -> None:
+    """Refuse an index that leaves out shards of this checkpoint: their tensors would be dropped.
+
+    A .safetensors file beside the index that it does not list belongs to the checkpoint when it
+    is numbered like the listed shards, or holds tensors under the same top-level names (such as
+    "model."). Other weight files (Mistral's consolidated.safetensors, an adapter) are left out
+    and named in the report, like other formats. Numbered names also say how many shards there
+    are, so an index that lists fewer is refused too.
+    """
+    listed = set(index["weight_map"].values())
+    numbers: dict[tuple[str, int], set[int]] = {}  # (stem, total) -> the numbers listed
+    for shard in listed:
+        if match := _NUMBERED_SHARD.fullmatch(shard):
+            numbers.setdefault((match["stem"], int(match["total"])), set()).add(int(match["number"]))
+    top_level = {name.split(".")[0] for name in index["weight_map"]}
+    for name in tree.files:
+        if "/" in name or not name.endswith(".safetensors") or name in listed:
+            continue
+        match = _NUMBERED_SHARD.fullmatch(name)
+        held = _tensor_names_or_none(root / name)
+        ours = [tensor for tensor in held or () if tensor.split(".")[0] in top_level]
+        if (match and any(stem == match["stem"] for stem, _ in numbers)) or ours:
+            held = ours + [tensor for tensor in held or () if tensor not in ours]
+            shown = ", ".join(repr(tensor) for tensor in held[:3]) + (", ..." if len(held) > 3 else "")
+            raise ConversionError(
+                f"{INDEX_NAME} does not list the shard {name!r}, which is in {str(root)!r}"
+                + (f" and holds {len(held)} tensors ({shown})" if held else "")
+                + "; converting would drop them. The index is stale or was edited: regenerate it "
+                "(save_pretrained writes both) or move the shard out of the folder"
+            )
+    for (stem, total), found in numbers.items():
+        missing = sorted(set(range(1, total + 1)) - found)
+        if missing and found <= set(range(1, total + 1)):  # numbered 1..total, as transformers does
+            raise ConversionError(
+                f"the shard names {stem}-N-of-{total} count {total} shards but {INDEX_NAME} lists "
+                f"{len(found)} (shard number {', '.join(map(str, missing[:3]))} neither listed nor on "
+                "disk); the checkpoint is incomplete: re-download it"
+            )
+
+
+def _tensor_names_or_none(path: Path) -> list[str] | None:
+    """The tensor names in a safetensors file's header; None when it cannot be read as one."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError):
+        return None
+
+
+def _classify_other_files(tree: SourceTree, shards: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Files copied unchanged, and files left out (other weight formats, hidden entries)."""
     copied, skipped = [], []
     written_here = shards | {CONFIG_NAME, INDEX_NAME}
-    for folder, subfolders, files in os.walk(root):
-        relative_folder = Path(folder).relative_to(root)
-        for hidden in [name for name in subfolders if name.startswith(".")]:
-            subfolders.remove(hidden)
-            skipped.append(str(relative_folder / hidden) + "/")
-        for name in sorted(files):
-            relative = str(relative_folder / name)
-            if relative in written_here:
-                continue
-            is_weights = name.endswith(_OTHER_WEIGHT_SUFFIXES) or name.endswith(".index.json")
-            (skipped if is_weights or name.startswith(".") else copied).append(relative)
-    return tuple(copied), tuple(skipped)
+    for relative in tree.files:
+        if relative in written_here:
+            continue
+        name = Path(relative).name
+        is_weights = name.endswith(_OTHER_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+        (skipped if is_weights else copied).append(relative)
+    return tuple(copied), tuple(skipped) + tree.hidden

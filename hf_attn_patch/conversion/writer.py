@@ -9,6 +9,8 @@ dict until their shard comes.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +26,10 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .errors import ConversionError
 from .methods import PoolingMethod
 from .plan import ConversionPlan
 from .source import CONFIG_NAME, INDEX_NAME, SourceCheckpoint
@@ -66,7 +69,7 @@ def write_checkpoint(
                 parameters += tensors[name].numel()
                 bytes_written += tensors[name].numel() * tensors[name].element_size()
                 bar.advance(task, source.tensors[name].nbytes)
-            save_file(tensors, folder / shard, metadata=source.shard_metadata[shard])
+            _save_shard(tensors, folder / shard, source.shard_metadata[shard])
             del tensors
             reader.close_all()
     if source.index is not None:
@@ -99,12 +102,30 @@ class _ShardReader:
         shard = self._source.tensors[name].shard
         if shard not in self._handles:
             self._handles[shard] = safe_open(self._source.root / shard, framework="pt").__enter__()
-        return self._handles[shard].get_tensor(name)
+        try:
+            return self._handles[shard].get_tensor(name)
+        except SafetensorError as error:  # the headers read fine before: the file changed since
+            raise ConversionError(
+                f"tensor {name!r} of shard {shard!r} cannot be read ({error}); was the source modified "
+                "during the conversion? Nothing was left behind"
+            ) from None
 
     def close_all(self) -> None:
         for handle in self._handles.values():
             handle.__exit__(None, None, None)
         self._handles.clear()
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None) -> None:
+    """save_file, with its I/O failures (disk full, file too large) raised as the OSError they are."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as error:
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), str(path)) from error
 
 
 def _write_index(source_index: dict, total_size: int, total_parameters: int, path: Path) -> None:
