@@ -131,3 +131,56 @@ def test_random_workload_keeps_every_invariant(seed):
             for i, slot in enumerate(plan.slots):
                 assert slot == slots.get((seq, start + i), EVICTED)
         assert allocator.peak_blocks_used >= allocator.num_used
+
+
+@pytest.mark.parametrize("num_blocks, block_size, max_seq_len", [
+    (0, 4, None), (4, 0, None), (-1, 4, None), (2.5, 4, None), ("4", 4, None), (4, True, None), (4, 4, 0),
+])
+def test_constructor_arguments_are_checked(num_blocks, block_size, max_seq_len):
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
+        BlockAllocator(num_blocks, block_size, max_seq_len=max_seq_len)
+
+
+@pytest.mark.parametrize("count", [-1, 1.5, True, "2", None])
+def test_bad_token_counts_are_refused_before_any_change(count):
+    allocator = BlockAllocator(num_blocks=4, block_size=4)
+    allocator.extend({"a": 3})
+    before = copy.deepcopy(allocator.__dict__)
+    with pytest.raises(ValueError, match="tokens added to sequence 'b' must be an integer >= 0"):
+        allocator.extend({"a": 1, "b": count})
+    assert allocator.__dict__ == before
+
+
+def test_integer_like_counts_are_taken():
+    import numpy as np
+    import torch
+
+    allocator = BlockAllocator(num_blocks=4, block_size=4)
+    allocator.extend({"a": np.int64(5), "b": torch.tensor(2)})
+    assert (allocator.length("a"), allocator.length("b")) == (5, 2)
+    assert all(type(n) is int for n in allocator._lengths.values())
+
+
+def test_max_seq_len_is_a_value_error_that_changes_nothing():
+    allocator = BlockAllocator(num_blocks=8, block_size=4, max_seq_len=10)
+    allocator.extend({"a": 9, "b": 2})
+    before = copy.deepcopy(allocator.__dict__)
+    with pytest.raises(ValueError, match="sequence 'a' would reach 11 tokens, more than max_seq_len=10"):
+        allocator.extend({"a": 2, "b": 1})
+    assert allocator.__dict__ == before
+    with pytest.raises(CacheFullError):  # a full pool is reported first: that is what can be fixed by releasing
+        allocator.extend({"a": 2, "c": 30})
+    allocator.extend({"a": 1})  # exactly max_seq_len fits
+    assert allocator.length("a") == 10
+
+
+def test_release_twice_or_unknown_frees_nothing_more():
+    allocator = BlockAllocator(num_blocks=4, block_size=4)
+    allocator.extend({"a": 5, "b": 1})
+    assert allocator.release(["a", "a"]) == 2
+    assert allocator.release(["a", "nobody"]) == 0
+    assert allocator.num_free == 3 and allocator.sequences() == ["b"]
+    allocator.check_invariants()
+    allocator.release_all()
+    allocator.release_all()
+    assert allocator.num_free == 4

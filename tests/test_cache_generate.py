@@ -188,5 +188,5 @@ def test_pool_size_and_stats():
     assert stats["blocks_total"] == 7 and stats["blocks_free"] == 7
     assert stats["bytes_per_block"] == 2 * 2 * 16 * 2 * 16 * 4  # K+V, layers, slots, heads, dim, fp32
     assert cache.k_pages.shape == (2, 7, 16, 2, 16)
-    with pytest.raises(ValueError, match="exactly one"):
-        PagedKVCache(model, max_batch_size=2)
+    with pytest.raises(ValueError, match="at most one"):
+        PagedKVCache(model, max_batch_size=2, num_blocks=7, max_tokens=100)

@@ -14,11 +14,13 @@ arrive (the start of a long prompt) get no slot at all. Memory per sequence thus
 at about W / block_size + 1 blocks.
 
 A step either succeeds for every sequence or changes nothing: `extend` works out every block it
-needs first, and raises `CacheFullError` with the numbers before touching any state.
+needs first, and raises `CacheFullError` with the numbers (or ValueError for a sequence longer
+than `max_seq_len`) before touching any state.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Mapping
 
@@ -50,13 +52,17 @@ class StepPlan:
 
 
 class BlockAllocator:
-    """Free list of physical blocks plus one block table and length per live sequence."""
+    """Free list of physical blocks plus one block table and length per live sequence.
 
-    def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+    max_seq_len: most tokens one sequence may reach (its block table's room); None for no limit.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, max_seq_len: int | None = None):
+        num_blocks = checked_int("num_blocks", num_blocks)
+        block_size = checked_int("block_size", block_size)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.max_seq_len = None if max_seq_len is None else checked_int("max_seq_len", max_seq_len)
         # A stack: pop() hands out low block numbers first, which keeps tests readable.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[Hashable, list[int]] = {}
@@ -97,13 +103,14 @@ class BlockAllocator:
 
         With a window, blocks wholly outside it after the step are given back first, and new
         tokens outside it get slot -1. All or nothing: raises CacheFullError, changing nothing,
-        when the pool cannot hold the step.
+        when the pool cannot hold the step, and ValueError when a sequence would pass max_seq_len.
         """
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1 token, got {window}")
-        for seq, count in new_tokens.items():
-            if count < 0:
-                raise ValueError(f"sequence {seq!r}: cannot add {count} tokens")
+        if window is not None:
+            window = checked_int("window", window)
+        new_tokens = {  # the check (and its message) only for what is not already a plain count
+            seq: n if type(n) is int and n >= 0 else checked_int(f"tokens added to sequence {seq!r}", n, 0)
+            for seq, n in new_tokens.items()
+        }
 
         # Plan everything first, so that a full pool leaves no partial step behind.
         needed = 0
@@ -122,6 +129,13 @@ class BlockAllocator:
             plans[seq] = (old_len, count, evict, grow, take)
         if needed > len(self._free) + released:
             raise CacheFullError(needed - released, len(self._free), self.num_blocks, self.block_size)
+        if self.max_seq_len is not None:
+            for seq, (old_len, count, *_) in plans.items():
+                if old_len + count > self.max_seq_len:
+                    raise ValueError(
+                        f"sequence {seq!r} would reach {old_len + count} tokens, more than max_seq_len="
+                        f"{self.max_seq_len}; build the cache with a larger max_seq_len"
+                    )
 
         # Give back first, for every sequence: blocks leaving one window can serve another.
         result = {seq: StepPlan() for seq in plans}
@@ -145,7 +159,10 @@ class BlockAllocator:
         return result
 
     def release(self, seqs: Iterable[Hashable]) -> int:
-        """Forget the sequences and return their blocks to the pool; returns blocks freed."""
+        """Forget the sequences and return their blocks to the pool; returns blocks freed.
+
+        Unknown (or already released) sequences are skipped: releasing twice frees nothing twice.
+        """
         freed = 0
         for seq in seqs:
             for block in self._tables.pop(seq, ()):
@@ -179,3 +196,17 @@ class BlockAllocator:
             length = self._lengths[seq]
             if len(table) != -(-length // self.block_size):
                 raise AssertionError(f"sequence {seq!r}: {len(table)} table entries for {length} tokens")
+
+
+
+def checked_int(name: str, value, minimum: int = 1) -> int:
+    """value as an int >= minimum, or a ValueError naming it (bools, floats, strings refused)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # ints, numpy ints, 0-d integer tensors
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value

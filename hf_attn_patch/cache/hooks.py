@@ -50,6 +50,6 @@ def paged_decode_or_none(
         if cache.owns(layer_idx, key):
             return cache.attend(
                 layer_idx, query, key, attention_mask,
-                scale=scale, window=window, alibi_slopes=alibi_slopes,
+                scale=scale, window=window, alibi_slopes=alibi_slopes, config=getattr(module, "config", None),
             )
     return None

@@ -1,6 +1,6 @@
 """`PagedKVCache`: a transformers `Cache` whose K/V live in fixed-size blocks of one pool.
 
-    cache = PagedKVCache(model, max_batch_size=8, max_tokens=32_768)
+    cache = PagedKVCache(model)   # or max_batch_size=8, max_tokens=32_768, block_size=16
     model.generate(**inputs, past_key_values=cache,
                    stopping_criteria=[cache.release_finished()])   # optional: free blocks early
 
@@ -17,11 +17,17 @@ How a step flows (the model must be patched by `hf_attn_patch.patch_model`):
 
 A model that is not patched never calls the hook; the cache notices at the first decode step and
 raises instead of letting an attention run over the lone new token.
+
+A step that fails (CacheFullError, a bad batch) leaves the cache as it was before the step: every
+check runs before the first change, and a prompt that fails once blocks are being taken is undone.
+A step interrupted from outside (an exception in a later layer) is refused at the next step, with
+the advice to reset().
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Iterable
@@ -31,9 +37,17 @@ from transformers import StoppingCriteria
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..kernels import paged_attention, write_to_pages
-from .allocator import EVICTED, BlockAllocator
+from ..kernels._checks import SUPPORTED_DTYPES
+from .allocator import EVICTED, BlockAllocator, checked_int
 
-__all__ = ["PagedKVCache", "KVShape"]
+__all__ = ["PagedKVCache", "KVShape", "DEFAULT_MEMORY_FRACTION", "CPU_POOL_BYTES", "default_pool_blocks"]
+
+# The pool when no size is given. On a GPU a share of the memory free when the cache is built
+# (after the weights), as serving engines size theirs; half, not vLLM's 0.9 of the whole GPU,
+# because generate's own activations and the prompt's K/V (held aside for one step) need room
+# that nothing here measures. On a CPU a small fixed pool: RAM is shared with everything else.
+DEFAULT_MEMORY_FRACTION = 0.5
+CPU_POOL_BYTES = 256 * 2**20
 
 # Every live cache, so the attention hook can find the one that produced a key tensor.
 LIVE_CACHES: "weakref.WeakSet[PagedKVCache]" = weakref.WeakSet()
@@ -74,8 +88,11 @@ class PagedKVCache(Cache):
 
     Args:
         model: the (patched) model, or its config; gives layers, KV heads, head dim, window.
-        max_batch_size: most sequences decoded at once.
-        num_blocks / max_tokens: pool size, in blocks or in tokens (one of the two).
+        max_batch_size: most sequences decoded at once; by default the first prompt's batch
+            (the block table's rows are allocated once, then, and never move).
+        num_blocks / max_tokens / memory_fraction: pool size, in blocks, in tokens, or as a
+            fraction of the GPU memory free now (at most one of the three). By default
+            DEFAULT_MEMORY_FRACTION of the free GPU memory, or CPU_POOL_BYTES on a CPU.
         block_size: tokens per block.
         dtype, device: of the pool; default to the model's parameters (float32 / CPU for a config).
         max_seq_len: longest sequence (sizes the block table); defaults to the config's
@@ -86,29 +103,31 @@ class PagedKVCache(Cache):
         self,
         model,
         *,
-        max_batch_size: int,
+        max_batch_size: int | None = None,
         num_blocks: int | None = None,
         max_tokens: int | None = None,
+        memory_fraction: float | None = None,
         block_size: int = 16,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         max_seq_len: int | None = None,
     ):
         config = getattr(model, "config", model)
-        if (num_blocks is None) == (max_tokens is None):
-            raise ValueError("give the pool size as exactly one of num_blocks= or max_tokens=")
-        if num_blocks is None:
-            num_blocks = math.ceil(max_tokens / block_size)
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-        dtype = dtype or (parameter.dtype if parameter is not None else torch.float32)
-        device = torch.device(device or (parameter.device if parameter is not None else "cpu"))
-
+        if not hasattr(config, "num_hidden_layers"):
+            raise TypeError(f"PagedKVCache takes the model (or its config), got {type(model).__name__}")
         self.shape = KVShape.from_config(config)
+        block_size = checked_int("block_size", block_size)
+        if max_batch_size is not None:
+            max_batch_size = checked_int("max_batch_size", max_batch_size)
+        if max_seq_len is not None:
+            max_seq_len = checked_int("max_seq_len", max_seq_len)
+        dtype, device = _pool_dtype_and_device(model, dtype, device)
+
+        bytes_per_block = 2 * self.shape.num_layers * block_size * self.shape.num_kv_heads * self.shape.head_dim
+        bytes_per_block *= dtype.itemsize
+        num_blocks = _pool_blocks(num_blocks, max_tokens, memory_fraction, block_size, bytes_per_block, device)
+
         self.block_size = block_size
-        self.batch_capacity = max_batch_size  # not max_batch_size: transformers 5.17's Cache has that property
-        self.allocator = BlockAllocator(num_blocks, block_size)
         pool_shape = (self.shape.num_layers, num_blocks, block_size, self.shape.num_kv_heads, self.shape.head_dim)
         self.k_pages = torch.empty(pool_shape, dtype=dtype, device=device)
         self.v_pages = torch.empty(pool_shape, dtype=dtype, device=device)
@@ -117,9 +136,14 @@ class PagedKVCache(Cache):
         if self.shape.sliding_window is None:  # without a window a sequence never outgrows the pool
             max_seq_len = min(max_seq_len or num_blocks * block_size, num_blocks * block_size)
         self.max_seq_len = max_seq_len or num_blocks * block_size
-        table_width = math.ceil(self.max_seq_len / block_size)
-        self.block_table = torch.full((max_batch_size, table_width), EVICTED, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.allocator = BlockAllocator(num_blocks, block_size, max_seq_len=self.max_seq_len)
+
+        # Rows of the block table and lengths: fixed now, or by the first prompt's batch.
+        self.batch_capacity: int | None = None  # not max_batch_size: transformers 5.17's Cache has that property
+        self.block_table: torch.Tensor | None = None
+        self.seq_lens: torch.Tensor | None = None
+        if max_batch_size is not None:
+            self._allocate_rows(max_batch_size)
 
         generation_config = getattr(model, "generation_config", None)
         self._eos_token_id = getattr(generation_config, "eos_token_id", None)
@@ -134,26 +158,26 @@ class PagedKVCache(Cache):
         """Prompt: keep K/V for the hook, return them. Decode: write the token, return it.
 
         Extra arguments are what transformers passes along (`cache_kwargs` up to 5.23, the
-        model's `kwargs=` from 5.24); the paged cache needs none of them.
+        model's `kwargs=` from 5.24); only the positions they may hold are read, at a prompt.
+        Every check that can fail runs before this step changes anything.
         """
-        layer = self.layers[layer_idx]
+        layer = self._layer(layer_idx)
         self._check_kv(key_states, layer_idx)
+        tokens = key_states.shape[2]
+        if layer_idx == 0:
+            self._check_last_step_finished()
         if layer.seen == 0:
+            if layer_idx == 0:
+                self._check_prompt_batch(key_states.shape[0])
+                self._prompt_positions = _step_positions(args, kwargs)
             self._pending_prompt[layer_idx] = (key_states, value_states)
-            layer.seen += key_states.shape[2]
+            layer.seen += tokens
             return key_states, value_states
 
-        if key_states.shape[2] != 1:
-            raise NotImplementedError(
-                f"PagedKVCache takes a prompt, then one token per step; got {key_states.shape[2]} tokens "
-                f"after {layer.seen}. Use a fresh cache (or cache.reset()) for a new prompt."
-            )
+        if tokens != 1:
+            raise NotImplementedError(self._one_token_message(layer.seen, tokens))
         if layer_idx in self._pending_prompt or layer_idx in self._unread:
-            raise RuntimeError(
-                "PagedKVCache: the attention of layer "
-                f"{layer_idx} did not read from the paged cache, so it would attend to the new token "
-                "alone. Patch the model first (hf_attn_patch.patch_model(model)), or use the default cache."
-            )
+            raise RuntimeError(_NOT_PATCHED.format(layer_idx=layer_idx))
         if layer_idx == 0:
             self._begin_decode_step(key_states.shape[0])
         write_to_pages(key_states, value_states, self.k_pages[layer_idx], self.v_pages[layer_idx], self._step_slots)
@@ -166,13 +190,22 @@ class PagedKVCache(Cache):
         return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.get_seq_length(layer_idx) + query_length, 0
+        seen = self.get_seq_length(layer_idx)
+        # The model asks for its mask before any layer runs: the earliest point to refuse a
+        # second prompt (a shorter one would otherwise reach the model as zero tokens).
+        if seen and isinstance(query_length, int) and query_length != 1:
+            raise NotImplementedError(self._one_token_message(seen, query_length))
+        return seen + query_length, 0
 
     def reset(self) -> None:
-        """Forget every sequence and give all blocks back; the cache can take a new prompt."""
+        """Forget every sequence and give all blocks back; the cache can take a new prompt.
+
+        Call it between `generate` calls, not inside one (from a stopping criterion or a
+        streamer): `release(rows)` is the way to end sequences early."""
         self.allocator.release_all()
-        self.seq_lens.zero_()
-        self.block_table.fill_(EVICTED)
+        if self.block_table is not None:
+            self.seq_lens.zero_()
+            self.block_table.fill_(EVICTED)
         for layer in self.layers:
             layer.seen = 0
         self._clear_step_state()
@@ -193,7 +226,8 @@ class PagedKVCache(Cache):
 
     def release(self, rows: Iterable[int]) -> int:
         """End these batch rows: their blocks go back to the pool, later steps skip them.
-        Returns the number of blocks freed."""
+        Returns the number of blocks freed; a row released before frees nothing again."""
+        rows = sorted({self._row(r) for r in rows})
         rows = [r for r in rows if self._active[r]]
         for r in rows:
             self._active[r] = False
@@ -231,10 +265,11 @@ class PagedKVCache(Cache):
         pending = self._pending_prompt.get(layer_idx)
         return (pending is not None and pending[0] is key) or self._unread.get(layer_idx) is key
 
-    def attend(self, layer_idx, query, key, attention_mask, *, scale, window, alibi_slopes):
-        """The hook's work: store a prompt (returns None) or run paged decode (returns out)."""
+    def attend(self, layer_idx, query, key, attention_mask, *, scale, window, alibi_slopes, config=None):
+        """The hook's work: store a prompt (returns None) or run paged decode (returns out).
+        config: the attention module's, checked against the cache's shape at the prompt."""
         if layer_idx in self._pending_prompt:
-            self._store_prompt(layer_idx, attention_mask)
+            self._store_prompt(layer_idx, attention_mask, window, config)
             return None
         del self._unread[layer_idx]
         self._check_window(window)
@@ -253,26 +288,58 @@ class PagedKVCache(Cache):
         )
         return out[:, :, None]
 
-    # --- internals ------------------------------------------------------------------------------
+    # --- checks ----------------------------------------------------------------------------------
 
-    def _clear_step_state(self):
-        self._pending_prompt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._unread: dict[int, torch.Tensor] = {}
-        self._active: list[bool] = []
-        self._step_slots: torch.Tensor | None = None
-        self._table_columns = 1
+    def _layer(self, layer_idx) -> "_PagedLayer":
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"layer {layer_idx} updated a PagedKVCache built for {len(self.layers)} layers; "
+                "build the cache from the model that uses it"
+            )
+        return self.layers[layer_idx]
 
     def _check_kv(self, key_states, layer_idx):
         _, heads, _, head_dim = key_states.shape
         if (heads, head_dim) != (self.shape.num_kv_heads, self.shape.head_dim):
             raise ValueError(
                 f"layer {layer_idx} gave K/V with {heads} heads of dim {head_dim}, but the cache was built "
-                f"for {self.shape.num_kv_heads} heads of dim {self.shape.head_dim} from the config"
+                f"for {self.shape.num_kv_heads} heads of dim {self.shape.head_dim}; build the cache from the "
+                "model that uses it"
             )
         if key_states.dtype != self.k_pages.dtype or key_states.device != self.k_pages.device:
             raise ValueError(
                 f"layer {layer_idx} gave K/V as {key_states.dtype} on {key_states.device}, the cache holds "
                 f"{self.k_pages.dtype} on {self.k_pages.device}; build it with the model's dtype and device"
+            )
+
+    def _check_model(self, config):
+        """A cache serves the model it was built from: another one fails here, at its prompt's
+        first layer, before any block is taken (not part-way through the step)."""
+        shape = self.shape if config is None else KVShape.from_config(config)
+        if shape != self.shape:
+            raise ValueError(
+                f"this PagedKVCache was built for {self.shape}, but the model using it has {shape}; "
+                "build the cache from the model that uses it"
+            )
+
+    def _check_last_step_finished(self):
+        """At layer 0: the last step reached every layer's cache and every attention read it."""
+        if 0 in self._pending_prompt or 0 in self._unread:  # the first attention never asked us
+            raise RuntimeError(_NOT_PATCHED.format(layer_idx=0))
+        seen = {layer.seen for layer in self.layers}
+        if len(seen) > 1 or self._pending_prompt or self._unread:
+            raise RuntimeError(
+                f"PagedKVCache: the last step stopped part-way (its layers hold {min(seen)} to {max(seen)} "
+                "positions): an exception inside the model, or a model with fewer layers than the "
+                f"{len(self.layers)} this cache was built for. Call cache.reset() before the next prompt "
+                "(and build the cache from the model that uses it)."
+            )
+
+    def _check_prompt_batch(self, batch):
+        if self.batch_capacity is not None and batch > self.batch_capacity:
+            raise ValueError(
+                f"batch of {batch} sequences, but the cache holds rows for max_batch_size={self.batch_capacity} "
+                "(given, or taken from its first prompt); build a cache with max_batch_size= the largest batch"
             )
 
     def _check_window(self, window):
@@ -287,18 +354,75 @@ class PagedKVCache(Cache):
                 f"its sliding window of {cache_window}; build the cache from the same config"
             )
 
-    def _store_prompt(self, layer_idx, attention_mask):
+    def _one_token_message(self, seen, tokens):
+        return (
+            f"PagedKVCache holds {seen} positions already and takes one new token per step after its "
+            f"prompt; this step brings {tokens} new. A second prompt into a used cache is not supported: "
+            "call cache.reset() first, or use a fresh PagedKVCache."
+        )
+
+    def _row(self, row) -> int:
+        """A batch row index as an int, or a ValueError that says what rows there are."""
+        if isinstance(row, bool) or isinstance(row, torch.Tensor) and row.dtype == torch.bool:
+            raise ValueError("release takes row indices, not a mask: pass mask.nonzero().flatten().tolist()")
+        try:
+            row = operator.index(row)
+        except TypeError:
+            raise ValueError(f"release takes integer row indices, got {row!r}") from None
+        if not 0 <= row < len(self._active):
+            batch = f"rows 0..{len(self._active) - 1}" if self._active else "no rows (no prompt yet)"
+            raise ValueError(f"row {row} is not in the current batch, which has {batch}")
+        return row
+
+    # --- a step ----------------------------------------------------------------------------------
+
+    def _clear_step_state(self):
+        self._pending_prompt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._unread: dict[int, torch.Tensor] = {}
+        self._active: list[bool] = []
+        self._step_slots: torch.Tensor | None = None
+        self._table_columns = 1
+        self._prompt_positions: torch.Tensor | None = None
+
+    def _store_prompt(self, layer_idx, attention_mask, window, config):
         key, value = self._pending_prompt.pop(layer_idx)
         if self._step_slots is None:  # first layer of the prompt: take the blocks
-            self._begin_prompt(key.shape[0], key.shape[2], attention_mask)
+            rows_before, peak_before = (self.block_table, self.seq_lens), self.allocator.peak_blocks_used
+            try:
+                self._check_model(config)
+                self._check_window(window)
+                self._begin_prompt(key.shape[0], key.shape[2], attention_mask)
+            except BaseException:
+                self._undo_prompt(rows_before, peak_before)
+                raise
         write_to_pages(key, value, self.k_pages[layer_idx], self.v_pages[layer_idx], self._step_slots)
 
+    def _undo_prompt(self, rows_before, peak_before):
+        """Back to the empty cache the prompt started from (a prompt only enters an empty one)."""
+        self.reset()
+        self.block_table, self.seq_lens = rows_before
+        self.batch_capacity = None if self.block_table is None else self.block_table.shape[0]
+        if self.block_table is not None:
+            self.block_table.fill_(EVICTED)
+            self.seq_lens.zero_()
+        self.allocator.peak_blocks_used = peak_before
+
     def _begin_prompt(self, batch, tokens, attention_mask):
-        if batch > self.batch_capacity:
-            raise ValueError(f"batch of {batch} sequences, but the cache was built for max_batch_size={self.batch_capacity}")
         real = _real_tokens(attention_mask, batch, tokens, self.k_pages.device)
-        lengths = real.sum(-1).tolist()  # one sync per prompt, none per decode step
+        counts = real.sum(-1)
+        positions, self._prompt_positions = self._prompt_positions, None
+        if positions is not None and positions.numel():  # folded into the one sync below
+            counts = torch.cat([counts, positions.max().to(counts).view(1)])
+        lengths = counts.tolist()  # one sync per prompt, none per decode step
+        if positions is not None and positions.numel() and (last := lengths.pop()) >= tokens:
+            raise RuntimeError(
+                f"PagedKVCache is empty, but this step's tokens stand at positions up to {last}: the cache "
+                "was reset (or swapped in) while a generation was running. Call cache.reset() only between "
+                "generate calls; release(rows) ends sequences early."
+            )
         plans = self.allocator.extend(dict(enumerate(lengths)), window=self.shape.sliding_window)
+        if self.block_table is None:  # no max_batch_size given: the first prompt's batch is the capacity
+            self._allocate_rows(batch)
         self._active = [True] * batch
         self._push_to_device(plans, batch)
         # Slot of each real token: its index among the row's real tokens, through the table.
@@ -311,24 +435,38 @@ class PagedKVCache(Cache):
         if batch != len(self._active):
             raise ValueError(f"decode step with {batch} sequences after a prompt of {len(self._active)}")
         new = {row: 1 for row in range(batch) if self._active[row]}
-        plans = self.allocator.extend(new, window=self.shape.sliding_window)  # may raise CacheFullError
+        # May raise CacheFullError (or ValueError past max_seq_len) before changing anything.
+        plans = self.allocator.extend(new, window=self.shape.sliding_window)
         slots = [EVICTED] * batch
         for row, plan in plans.items():
             slots[row] = plan.slots[0]
         self._push_to_device(plans, batch)
         self._step_slots = torch.tensor(slots, dtype=torch.int64).view(batch, 1).to(self.k_pages.device)
 
+    def _allocate_rows(self, rows):
+        # Allocated once: the tables keep their addresses for the cache's life (CUDA graphs rely on it).
+        self.batch_capacity = rows
+        width = math.ceil(self.max_seq_len / self.block_size)
+        device = self.k_pages.device
+        self.block_table = torch.full((rows, width), EVICTED, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=device)
+
     def _push_to_device(self, plans, batch):
         """Apply the step's block-table edits and lengths to the device copies (no sync)."""
         edits = [(row, i, b) for row, plan in plans.items() for i, b in plan.table_updates]
         if edits:
-            if max(i for _, i, _ in edits) >= self.block_table.shape[1]:
-                raise ValueError(f"a sequence outgrew max_seq_len={self.max_seq_len}; build the cache with a larger one")
             rows, cols, blocks = torch.tensor(edits, dtype=torch.int64).to(self.block_table.device).unbind(1)
             self.block_table[rows, cols] = blocks.to(torch.int32)
         lengths = [self.allocator.length(row) if self._active[row] else 0 for row in range(batch)]
         self.seq_lens[:batch] = torch.tensor(lengths, dtype=torch.int32).to(self.seq_lens.device)
         self._table_columns = max(1, math.ceil(max(lengths, default=0) / self.block_size))
+
+
+_NOT_PATCHED = (
+    "PagedKVCache: the attention of layer {layer_idx} did not read from the paged cache, so it would "
+    "attend to the new token alone. Patch the model first (hf_attn_patch.patch_model(model)), or use "
+    "the default cache."
+)
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -349,7 +487,7 @@ class _PagedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        return self._cache.update(key_states, value_states, self.layer_idx)
+        return self._cache.update(key_states, value_states, self.layer_idx, *args, **kwargs)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -396,3 +534,80 @@ def _real_tokens(attention_mask, batch, tokens, device) -> torch.Tensor:
         visible = last_row if last_row.dtype == torch.bool else last_row == 0
         return visible.expand(batch, tokens).to(device)
     raise ValueError(f"cannot read padding from an attention mask of shape {tuple(attention_mask.shape)}")
+
+
+# --- construction helpers -----------------------------------------------------------------------
+
+
+def default_pool_blocks(device, bytes_per_block: int, memory_fraction: float | None = None) -> int:
+    """Blocks of a pool built without a size: on a CUDA device `memory_fraction` (default
+    DEFAULT_MEMORY_FRACTION) of its memory free now, elsewhere CPU_POOL_BYTES."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        fraction = DEFAULT_MEMORY_FRACTION if memory_fraction is None else memory_fraction
+        free, _ = torch.cuda.mem_get_info(device)
+        budget, source = int(free * fraction), f"{fraction} of the {free / 2**30:.2f} GiB free on {device}"
+    else:
+        if memory_fraction is not None:
+            raise ValueError(
+                f"memory_fraction sizes the pool from free GPU memory; on {device.type} give num_blocks= "
+                f"or max_tokens= (or nothing, for {CPU_POOL_BYTES >> 20} MiB)"
+            )
+        budget, source = CPU_POOL_BYTES, f"the default {CPU_POOL_BYTES >> 20} MiB pool on {device.type}"
+    blocks = budget // bytes_per_block
+    if blocks < 1:
+        raise ValueError(f"{source} holds no block of {bytes_per_block} bytes; give num_blocks= or max_tokens=")
+    return blocks
+
+
+def _pool_blocks(num_blocks, max_tokens, memory_fraction, block_size, bytes_per_block, device) -> int:
+    sizes = {"num_blocks": num_blocks, "max_tokens": max_tokens, "memory_fraction": memory_fraction}
+    given = [name for name, value in sizes.items() if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give the pool size by at most one of num_blocks=, max_tokens=, memory_fraction=; got {given}")
+    if num_blocks is not None:
+        return checked_int("num_blocks", num_blocks)
+    if max_tokens is not None:
+        return math.ceil(checked_int("max_tokens", max_tokens) / block_size)
+    if memory_fraction is not None and not (
+        isinstance(memory_fraction, (int, float)) and not isinstance(memory_fraction, bool) and 0 < memory_fraction <= 1
+    ):
+        raise ValueError(f"memory_fraction must be a number in (0, 1], got {memory_fraction!r}")
+    return default_pool_blocks(device, bytes_per_block, memory_fraction)
+
+
+def _pool_dtype_and_device(model, dtype, device) -> tuple[torch.dtype, torch.device]:
+    """The pool's dtype and device: given, or the model's (float32 / CPU for a config); checked."""
+    parameters = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    if device is None and len({p.device for p in parameters}) > 1:
+        raise ValueError(
+            "the model's parameters are spread over several devices; PagedKVCache keeps one pool on "
+            "one device: give device= (and keep every attention layer there)"
+        )
+    if dtype is None:
+        dtype = parameters[0].dtype if parameters else torch.float32
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise ValueError(f"dtype must be one the kernels support ({names}), got {dtype!r}")
+    if device is None:
+        device = parameters[0].device if parameters else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cuda', 'cuda:1', 'cpu')") from None
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the paged kernels run on CUDA GPUs (or the CPU with TRITON_INTERPRET=1), not on {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but CUDA is not available here")
+    return dtype, device
+
+
+def _step_positions(args, kwargs) -> torch.Tensor | None:
+    """The step's token positions where transformers hands them to `update`: `cache_kwargs`'s
+    "cache_position" (up to 5.23) or the model's `kwargs=`'s "position_ids" (5.24); else None."""
+    for extra in (*args, *kwargs.values()):
+        if isinstance(extra, dict):
+            for name in ("cache_position", "position_ids"):
+                if isinstance(extra.get(name), torch.Tensor):
+                    return extra[name]
+    return None
