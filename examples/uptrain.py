@@ -4,7 +4,9 @@
     accelerate launch --num_processes 8 examples/uptrain.py llama-gqa4 --data tokens/ --output-dir runs/gqa4
 
 A thin command line over `hf_attn_patch.training.uptrain`; every flag is a field of UptrainConfig
-(docs/uptraining.md). Prints the result as one JSON line at the end (main process).
+(docs/uptraining.md). Prints the result as one JSON line at the end (main process). A refused
+config or a file that cannot be read or written is one line on stderr and a non-zero exit, as
+with `hf-attn-patch` (docs/reliability.md); --debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
+from hf_attn_patch.cli import run_command
 from hf_attn_patch.training import UptrainConfig, uptrain
 
 
-def parse_args(argv=None) -> UptrainConfig:
+def parse_args(argv=None) -> tuple[UptrainConfig, bool]:
+    """The run's config, and whether --debug was given."""
     defaults = UptrainConfig(model="", output_dir="", data="")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,12 +57,19 @@ def parse_args(argv=None) -> UptrainConfig:
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--token-dtype", default=defaults.token_dtype, help="element type of .bin token files")
-    args = p.parse_args(argv)
-    return UptrainConfig(**vars(args))
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    args = vars(p.parse_args(argv))
+    debug = args.pop("debug")
+    return UptrainConfig(**args), debug
 
 
-def main(argv=None) -> None:
-    result = uptrain(parse_args(argv))
+def main(argv=None) -> int:
+    config, debug = parse_args(argv)
+    return run_command("uptrain.py", lambda: run(config), debug=debug)
+
+
+def run(config: UptrainConfig) -> None:
+    result = uptrain(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"steps": result.steps, "tokens_seen": result.tokens_seen, "seconds": round(result.seconds, 2),
                           "first_loss": result.losses[0][1] if result.losses else None,
@@ -67,4 +79,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,7 +19,7 @@ from hf_attn_patch.kernels import _flash_triton
 from hf_attn_patch.models.bert import load_gqa_bert
 from hf_attn_patch.training import UptrainConfig, load_token_ids, lr_at, uptrain
 
-from .helpers import forbid_stock_attention
+from .helpers import forbid_stock_attention, tree_hash
 
 SEQ = 32
 FAST = dict(seq_len=SEQ, warmup_steps=0, schedule="constant", gradient_checkpointing=False, quiet=True,
@@ -212,3 +212,196 @@ def test_hidden_distillation_loss_matches_tokens_and_pooled_embedding():
               for b in range(3)]
     expected = per_token[real].mean() + torch.stack([1 - p for p in pooled]).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# --- issue 13: bad input, interrupted and mismatched resumes -------------------------------------
+# Stock attention (patch=False) keeps these fast: what they test is the files, not the kernel.
+
+QUICK = dict(FAST, patch=False, batch_size=1)
+
+
+def _tokens(seed: int, sequences: int = 4) -> torch.Tensor:
+    return torch.randint(0, 128, (sequences * SEQ,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def run_with_checkpoints(checkpoints, tmp_path):
+    """A finished 2-step run on the MHA Llama with checkpoints at steps 1 and 2; returns its settings."""
+    settings = dict(model=checkpoints / "llama", output_dir=tmp_path / "run", data=_tokens(7), max_steps=2,
+                    save_every=1, **QUICK)
+    result = uptrain(UptrainConfig(**settings))
+    assert [p.name for p in result.checkpoints] == ["step-0000001", "step-0000002"]
+    return settings
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", float("nan"), "lr must be a finite number > 0"),
+    ("lr", float("inf"), "lr must be a finite number > 0"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number >= 0"),
+    ("distill_temperature", float("inf"), "distill_temperature must be a finite number > 0"),
+    ("max_grad_norm", -1.0, "max_grad_norm must be a finite number >= 0"),
+    ("adam_betas", (0.9, 1.0), r"adam_betas must be two numbers in \[0, 1\)"),
+    ("seed", -1, r"seed must be an int in \[0, 2\*\*32\)"),
+    ("token_dtype", "float32", "token_dtype must name a numpy integer type"),
+    ("token_dtype", "int7", "token_dtype must name a numpy integer type"),
+    ("save_total_limit", 0.5, "save_total_limit must be an int >= 1"),
+    ("warmup_steps", True, "warmup_steps must be an int >= 0"),
+])
+def test_bad_numbers_are_refused_before_any_work(checkpoints, tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        uptrain(UptrainConfig(model=checkpoints / "llama", output_dir=tmp_path / "out", data=_tokens(0),
+                              **{**QUICK, field: value}))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.txt", "café".encode("latin-1"), "latin1.txt is not UTF-8 text"),
+    ("garbage.npy", b"garbage", "garbage.npy is not a numpy array of token ids"),
+    ("garbage.pt", b"garbage", "garbage.pt is not a saved tensor of token ids"),
+    ("odd.bin", b"abc", "odd.bin has 3 bytes, not a whole number of uint16 values"),
+])
+def test_unreadable_data_names_the_file(checkpoints, tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        uptrain(UptrainConfig(model=checkpoints / "llama", output_dir=tmp_path / "out", data=tmp_path / name,
+                              tokenizer="bytes", **QUICK))
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file_is_refused(checkpoints, tmp_path):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        uptrain(UptrainConfig(model=checkpoints / "llama", output_dir=tmp_path / "out", data=_tokens(0), **QUICK))
+
+
+def test_unwritable_output_dir_is_refused_before_the_model_loads(checkpoints, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from hf_attn_patch.training import trainer
+
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "read-only")):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    with pytest.raises(PermissionError, match=r"cannot write into UptrainConfig.output_dir .*read-only/out"):
+        uptrain(UptrainConfig(model=checkpoints / "llama", output_dir=tmp_path / "read-only" / "out",
+                              data=_tokens(0), **QUICK))
+
+
+def test_a_new_run_never_overwrites_a_finished_one(checkpoints, tmp_path):
+    settings = dict(model=checkpoints / "llama", output_dir=tmp_path / "run", data=_tokens(1), max_steps=1, **QUICK)
+    uptrain(UptrainConfig(**settings))  # no checkpoints: save_every=0
+    before = tree_hash(tmp_path / "run" / "final")
+    with pytest.raises(ValueError, match=r"already holds a run \(final/\).*continue it with resume=True"):
+        uptrain(UptrainConfig(**settings))
+    with pytest.raises(ValueError, match="already holds a run .*it has no checkpoint to resume from"):
+        uptrain(UptrainConfig(**{**settings, "resume": True}))
+    assert tree_hash(tmp_path / "run" / "final") == before
+
+
+def test_resume_refuses_a_run_that_does_not_match(checkpoints, run_with_checkpoints, tmp_path):
+    settings, run = run_with_checkpoints, tmp_path / "run"
+    before = tree_hash(run)
+    cases = [
+        (dict(max_steps=1), r"\(step 2\) with max_steps 1: the checkpoint is past it"),
+        (dict(teacher=checkpoints / "llama"), r"the objective changed \(lm -> lm\+distill-kl"),
+        (dict(data=_tokens(8)), "the data layout changed .*data_fingerprint"),
+        (dict(model=checkpoints / "llama-mqa"), "it was saved from another model"),
+        (dict(resume=run / "checkpoints" / "step-0000001"), r"holds later checkpoints \(step-0000002\)"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            uptrain(UptrainConfig(**{**settings, "resume": True, "max_steps": 3, **change}))
+    assert tree_hash(run) == before  # nothing was written by a refused resume
+
+
+def test_damaged_trainer_state_is_refused_with_its_path(run_with_checkpoints, tmp_path):
+    state = tmp_path / "run" / "checkpoints" / "step-0000002" / "trainer_state.json"
+    state.write_text(state.read_text()[:20])
+    with pytest.raises(ValueError, match=r"step-0000002: trainer_state.json is damaged"):
+        uptrain(UptrainConfig(**{**run_with_checkpoints, "resume": True, "max_steps": 3}))
+
+
+def test_interrupted_checkpoint_is_passed_over_and_replaced(run_with_checkpoints, tmp_path):
+    """A save killed before its trainer_state.json: resume=True takes the one before, and the
+    rerun's save of that step leaves none of the dead run's files."""
+    broken = tmp_path / "run" / "checkpoints" / "step-0000003"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"half a file")
+    (broken / ".trainer_state.json.partial").write_text('{"st')
+    result = uptrain(UptrainConfig(**{**run_with_checkpoints, "resume": True, "max_steps": 3}))
+    assert result.resumed_from.name == "step-0000002" and result.steps == 3
+    assert sorted(p.name for p in broken.iterdir()) == ["model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                                                        "trainer_state.json"]
+    assert json.loads((broken / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_sigkill_mid_checkpoint_then_resume_matches_an_uninterrupted_run(checkpoints, tmp_path):
+    """A real SIGKILL after step 2's weights are saved but before its trainer_state.json."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    data = tmp_path / "tokens.npy"
+    np.save(data, _tokens(9).numpy())
+    settings = dict(model=checkpoints / "llama", data=data, max_steps=3, save_every=1, **QUICK)
+    killer = (
+        "import os, signal; from hf_attn_patch.training import checkpoints as c; real = c._write_atomically\n"
+        "def write(path, text):\n"
+        "    if path.parent.name == 'step-0000002': os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(path, text)\n"
+        "c._write_atomically = write\n"
+        "from pathlib import Path; from hf_attn_patch.training import UptrainConfig, uptrain\n"
+        f"uptrain(UptrainConfig(output_dir=Path({str(tmp_path / 'killed')!r}), "
+        f"**{ {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in settings.items()} !r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not (tmp_path / "killed" / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
+
+    resumed = uptrain(UptrainConfig(output_dir=tmp_path / "killed", resume=True, **settings))
+    whole = uptrain(UptrainConfig(output_dir=tmp_path / "whole", **settings))
+    assert resumed.resumed_from.name == "step-0000001"
+    assert [step for step, _ in resumed.losses] == [1, 2, 3]
+    for (step, expected), (_, actual) in zip(whole.losses, resumed.losses):
+        assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6), step
+
+
+def test_failed_final_save_keeps_the_previous_final(run_with_checkpoints, tmp_path, monkeypatch):
+    final = tmp_path / "run" / "final"
+    before = tree_hash(final)
+
+    def disk_full(self, folder, *args, **kwargs):
+        (folder / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        uptrain(UptrainConfig(**{**run_with_checkpoints, "resume": True, "max_steps": 3}))
+    assert tree_hash(final) == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "final"]
+
+
+def test_example_script_errors_are_one_line(checkpoints, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "uptrain.py"
+    spec = importlib.util.spec_from_file_location("uptrain_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = [str(checkpoints / "llama"), "--data", str(tmp_path / "missing.txt"), "--output-dir", str(tmp_path / "out")]
+    assert example.main(argv) == 2
+    assert capsys.readouterr().err == f"uptrain.py: error: UptrainConfig.data: {tmp_path / 'missing.txt'} does not exist\n"
+    with pytest.raises(ValueError, match="does not exist"):
+        example.main([*argv, "--debug"])
+    assert example.main([*argv[:2], str(tmp_path), "--output-dir", str(tmp_path / "out"), "--lr", "nan"]) == 2
+    assert "lr must be a finite number > 0" in capsys.readouterr().err

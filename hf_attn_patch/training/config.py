@@ -6,11 +6,13 @@ refused before any work is refused here or in `uptrain`'s first phase, with a Va
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
 
 __all__ = ["UptrainConfig", "UptrainResult", "MIXED_PRECISION", "SCHEDULES"]
@@ -89,20 +91,30 @@ class UptrainConfig:
                 raise ValueError(f"UptrainConfig.{name} must be a positive int, got {value!r}")
         for name in ("warmup_steps", "save_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"UptrainConfig.{name} must be an int >= 0, got {value!r}")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"UptrainConfig.save_total_limit must be >= 1 or None, got {self.save_total_limit!r}")
-        if not self.lr > 0:
-            raise ValueError(f"UptrainConfig.lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"UptrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"UptrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0 <= self.distill_weight <= 1:
-            raise ValueError(f"UptrainConfig.distill_weight must be in [0, 1], got {self.distill_weight!r}")
-        if not self.distill_temperature > 0:
-            raise ValueError(f"UptrainConfig.distill_temperature must be > 0, got {self.distill_temperature!r}")
+        if self.save_total_limit is not None and (not _is_int(self.save_total_limit) or self.save_total_limit < 1):
+            raise ValueError(f"UptrainConfig.save_total_limit must be an int >= 1 or None, got {self.save_total_limit!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:  # numpy's seed range, which set_seed seeds
+            raise ValueError(f"UptrainConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
+        # Finite first: NaN fails every comparison (so `x < 0` lets it through) and inf passes lower bounds.
+        _check_number("lr", self.lr, "> 0", lambda value: value > 0)
+        _check_number("min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda value: 0 <= value <= 1)
+        _check_number("weight_decay", self.weight_decay, ">= 0", lambda value: value >= 0)
+        _check_number("distill_weight", self.distill_weight, "in [0, 1]", lambda value: 0 <= value <= 1)
+        _check_number("distill_temperature", self.distill_temperature, "> 0", lambda value: value > 0)
+        if self.max_grad_norm is not None:  # a negative norm would flip the sign of the gradients
+            _check_number("max_grad_norm", self.max_grad_norm, ">= 0 (0: no clipping)", lambda value: value >= 0)
+        betas = tuple(self.adam_betas) if isinstance(self.adam_betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(_is_float(beta) and 0 <= beta < 1 for beta in betas):
+            raise ValueError(f"UptrainConfig.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        try:
+            integer_tokens = np.issubdtype(np.dtype(self.token_dtype), np.integer)
+        except TypeError:
+            integer_tokens = False
+        if not integer_tokens:
+            raise ValueError(f"UptrainConfig.token_dtype must name a numpy integer type (uint16, int32, ...), "
+                             f"got {self.token_dtype!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"UptrainConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.schedule not in SCHEDULES:
@@ -120,6 +132,20 @@ class UptrainConfig:
             raise ValueError(f"UptrainConfig.data must be a path or a LongTensor, got {type(self.data).__name__}")
         if self.resume not in (False, True) and not Path(self.resume).is_dir():
             raise ValueError(f"UptrainConfig.resume: no checkpoint folder {self.resume}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_float(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(name: str, value, allowed: str, ok) -> None:
+    """`value` must be a finite number for which `ok(value)` holds; `allowed` says which, in words."""
+    if not _is_float(value) or not ok(value):
+        raise ValueError(f"UptrainConfig.{name} must be a finite number {allowed}, got {value!r}")
 
 
 @dataclass

@@ -9,13 +9,16 @@ run would have read.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["TOKEN_SUFFIXES", "check_data_source", "load_token_ids", "pack", "SequenceOrder", "tokenize_text"]
+__all__ = ["TOKEN_SUFFIXES", "check_data_source", "load_token_ids", "pack", "SequenceOrder", "tokenize_text",
+           "fingerprint"]
 
 TOKEN_SUFFIXES = (".npy", ".pt", ".bin")
 TEXT_CHUNK_CHARS = 1 << 20  # text is tokenized in chunks of about this many characters, cut at newlines
@@ -56,7 +59,12 @@ def load_token_ids(data, *, tokenizer=None, token_dtype: str = "uint16") -> torc
     if tokenizer is None:
         raise ValueError(f"UptrainConfig.data: {path} is text and there is no tokenizer; pass tokenizer= "
                          "(a tokenizer folder, or 'bytes' for UTF-8 bytes)")
-    return tokenize_text(path.read_text(encoding="utf-8"), tokenizer)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"UptrainConfig.data: {path} is not UTF-8 text (byte {error.start}: {error.reason}); "
+                         f"token files must end in {', '.join(TOKEN_SUFFIXES)}") from None
+    return tokenize_text(text, tokenizer)
 
 
 def tokenize_text(text: str, tokenizer) -> torch.Tensor:
@@ -120,18 +128,38 @@ def _token_files(folder: Path) -> list[Path]:
 
 
 def _read_token_file(path: Path, token_dtype: str) -> torch.Tensor:
+    # numpy's and torch's own messages name no file and suggest loading pickles: say what it is.
     if path.suffix == ".npy":
-        array = np.load(path, mmap_mode="r")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except ValueError as error:
+            first_sentence = str(error).split(". ")[0]
+            raise ValueError(f"{path} is not a numpy array of token ids ({first_sentence})") from None
     elif path.suffix == ".bin":
+        itemsize = np.dtype(token_dtype).itemsize
+        if path.stat().st_size % itemsize:
+            raise ValueError(f"{path} has {path.stat().st_size} bytes, not a whole number of {token_dtype} "
+                             f"values ({itemsize} bytes each); wrong token_dtype?")
         array = np.fromfile(path, dtype=np.dtype(token_dtype))
     else:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise ValueError(f"{path} is not a saved tensor of token ids ({type(error).__name__}); "
+                             "write it with torch.save(tensor, path)") from None
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{path}: expected a tensor of token ids, got {type(tensor).__name__}")
         array = tensor.numpy()
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"{path}: token ids must be integers, got {array.dtype}")
     return torch.from_numpy(np.asarray(array, dtype=np.int64).reshape(-1).copy())
+
+
+def fingerprint(sequences: torch.Tensor, rows: int = 1024) -> str:
+    """A digest of about `rows` evenly spaced sequences: cheap at any size, and a resumed run that
+    was handed other data of the same size (another file, another tokenizer) does not match."""
+    sample = sequences[:: max(1, len(sequences) // rows)].contiguous()
+    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
 
 
 def describe(data) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lm_loss", "logit_distillation_loss", "hidden_distillation_loss", "Objective"]
+__all__ = ["lm_loss", "logit_distillation_loss", "hidden_distillation_loss", "Objective", "objective_name"]
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,15 @@ def hidden_distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
     return tokens + (1 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
 
 
+def objective_name(kind: str, has_teacher: bool, distill_weight: float) -> str:
+    """The objective's name, known before any model is loaded (a resumed run must keep it)."""
+    if kind == "causal_lm":
+        if not has_teacher or distill_weight == 0:
+            return "lm"
+        return "distill-kl" if distill_weight == 1 else f"lm+distill-kl (w={distill_weight})"
+    return "distill-hidden"
+
+
 class Objective:
     """The loss of one micro-batch for a student (and optional teacher)."""
 
@@ -57,11 +66,7 @@ class Objective:
 
     @property
     def name(self) -> str:
-        if self.kind == "causal_lm":
-            if self.teacher is None or self.weight == 0:
-                return "lm"
-            return "distill-kl" if self.weight == 1 else f"lm+distill-kl (w={self.weight})"
-        return "distill-hidden"
+        return objective_name(self.kind, self.teacher is not None, self.weight)
 
     def __call__(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         if self.kind == "causal_lm":

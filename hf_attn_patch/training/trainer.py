@@ -9,7 +9,7 @@ The run, in order:
    float32 and the teacher (inference only, in the autocast dtype), patch both, switch on
    gradient checkpointing, prepare model and optimizer (fused AdamW on CUDA);
 3. optionally resume: `accelerator.load_state` (weights, optimizer, RNG) plus trainer_state.json
-   (step, data position, losses);
+   (step, data position, losses), once the checkpoint is known to match this run (checkpoints.py);
 4. train: per step, `grad_accum` micro-batches under `accelerator.accumulate`, clipping, the
    schedule's learning rate. Per-step losses stay on the device; the host reads them only when
    it logs or saves;
@@ -19,26 +19,23 @@ The run, in order:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from ..patch import UnsupportedModelError, is_patched, patch_model, unpatch_model
+from .checkpoints import (CHECKPOINTS, STATE_NAME, check_output_dir, check_resume, check_same_model,
+                          find_resume_point, model_fingerprint, prepare_output_dir, save_checkpoint, save_final)
 from .config import UptrainConfig, UptrainResult
-from .data import SequenceOrder, check_data_source, describe, is_text, load_token_ids, pack
+from .data import SequenceOrder, check_data_source, describe, fingerprint, is_text, load_token_ids, pack
 from .modeling import (CAUSAL, ENCODER, describe_model, disable_gradient_checkpointing,
                        enable_gradient_checkpointing, load_model, load_tokenizer, zero_attention_dropout)
-from .objectives import Objective
+from .objectives import Objective, objective_name
 
 __all__ = ["uptrain", "lr_at", "STATE_NAME", "CHECKPOINTS"]
-
-STATE_NAME = "trainer_state.json"
-CHECKPOINTS = "checkpoints"
 
 
 def uptrain(config: UptrainConfig) -> UptrainResult:
@@ -55,13 +52,16 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
         raise ValueError(f"seq_len {config.seq_len} is longer than the model's max_position_embeddings "
                          f"{spec.max_positions}")
     output_dir = Path(config.output_dir)
-    resume_dir = _resume_dir(config, output_dir)
+    resume_point = find_resume_point(config.resume, output_dir)
+    check_output_dir(output_dir, resume_point, resume_requested=config.resume is not False)
+    resume_dir = resume_point.folder if resume_point is not None else None
     tokenizer = load_tokenizer(config.tokenizer, spec, required=is_text(config.data))
     sequences = pack(load_token_ids(config.data, tokenizer=tokenizer, token_dtype=config.token_dtype), config.seq_len)
     low, high = int(sequences.min()), int(sequences.max())
     if low < 0 or (spec.vocab_size is not None and high >= spec.vocab_size):
         raise ValueError(f"the data holds token ids in [{low}, {high}], outside the model's vocabulary "
                          f"[0, {spec.vocab_size}); wrong tokenizer or token_dtype?")
+    objective_label = objective_name(spec.kind, teacher_spec is not None, config.distill_weight)
 
     # --- 2. accelerator, models, optimizer ----------------------------------------------------
     from accelerate import Accelerator
@@ -78,8 +78,17 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     nproc, rank = accelerator.num_processes, accelerator.process_index
     per_step = config.batch_size * config.grad_accum * nproc  # sequences per optimizer step
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    layout = dict(seq_len=config.seq_len, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                  num_processes=nproc, num_sequences=len(sequences), shuffle=config.shuffle, seed=config.seed,
+                  data_fingerprint=fingerprint(sequences))
+    if resume_point is not None:  # before any weights are read
+        check_resume(resume_point, max_steps=config.max_steps, objective=objective_label, layout=layout)
+    prepare_output_dir(output_dir)
 
     model = load_model(spec, torch.float32)
+    model_id = model_fingerprint(model)
+    if resume_point is not None:
+        check_same_model(resume_point, model_id)
     given = model if model is config.model else None  # a caller's instance is handed back as it came
     given_state = _ModelState.capture(model)
     if config.patch:
@@ -117,17 +126,9 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
 
     # --- 3. resume --------------------------------------------------------------------------------
     step, losses = 0, []
-    layout = dict(seq_len=config.seq_len, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                  num_processes=nproc, num_sequences=len(sequences), shuffle=config.shuffle, seed=config.seed)
-    if resume_dir is not None:
-        state = json.loads((resume_dir / STATE_NAME).read_text())
-        changed = {k: (state["layout"].get(k), v) for k, v in layout.items() if state["layout"].get(k) != v}
-        if changed:
-            raise ValueError(f"cannot resume from {resume_dir}: the data layout changed "
-                             f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); a resumed "
-                             "run must see the same batches")
+    if resume_point is not None:
         accelerator.load_state(os.fspath(resume_dir))
-        step, losses = state["step"], [tuple(x) for x in state["losses"]]
+        step, losses = resume_point.step, [tuple(x) for x in resume_point.state["losses"]]
         say(f"resumed from {resume_dir} at step {step}")
 
     say(f"uptrain {spec.name} ({spec.kind}, objective {objective.name}) on {describe(config.data)}: "
@@ -187,8 +188,9 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
             flush()
         if config.save_every and step % config.save_every == 0:
             flush()
-            checkpoints.append(_save_checkpoint(accelerator, output_dir, step, per_step, config, layout, losses,
-                                                objective.name))
+            state = dict(step=step, sequences_seen=step * per_step, tokens_seen=step * per_step * config.seq_len,
+                         layout=layout, objective=objective.name, model=model_id, losses=losses)
+            checkpoints.append(save_checkpoint(accelerator, output_dir, step, state, config.save_total_limit))
 
     # --- 5. final model ---------------------------------------------------------------------------
     flush()
@@ -202,11 +204,7 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
         unpatch_model(model)  # save_pretrained from the stock model: loads into plain transformers
     final_dir = output_dir / "final"
     if accelerator.is_main_process:
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        model.save_pretrained(final_dir)
-        if tokenizer is not None and tokenizer != "bytes":
-            tokenizer.save_pretrained(final_dir)
+        save_final(model, tokenizer if tokenizer != "bytes" else None, output_dir)
     accelerator.wait_for_everyone()
     if given is not None:
         given_state.restore(model)
@@ -276,18 +274,6 @@ def _check_teacher(spec, teacher) -> None:
                          f"size {getattr(spec.config, 'hidden_size', None)}")
 
 
-def _resume_dir(config: UptrainConfig, output_dir: Path) -> Path | None:
-    if config.resume is False:
-        return None
-    if config.resume is True:
-        found = sorted((output_dir / CHECKPOINTS).glob("step-*/" + STATE_NAME))
-        return found[-1].parent if found else None
-    folder = Path(config.resume)
-    if not (folder / STATE_NAME).is_file():
-        raise ValueError(f"UptrainConfig.resume: {folder} is not an uptrain checkpoint (no {STATE_NAME})")
-    return folder
-
-
 def _mixed_precision(value: str) -> str:
     if value != "auto":
         return value
@@ -304,22 +290,6 @@ def _adamw(model, config: UptrainConfig, fused: bool) -> torch.optim.Optimizer:
               for params, decay_rate in ((decay, config.weight_decay), (no_decay, 0.0)) if params]
     kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.adam_betas), **kwargs)
-
-
-def _save_checkpoint(accelerator, output_dir: Path, step: int, per_step: int, config: UptrainConfig,
-                     layout: dict, losses: list, objective: str) -> Path:
-    folder = output_dir / CHECKPOINTS / f"step-{step:07d}"
-    accelerator.save_state(os.fspath(folder))
-    if accelerator.is_main_process:
-        state = dict(step=step, sequences_seen=step * per_step, tokens_seen=step * per_step * config.seq_len,
-                     layout=layout, objective=objective, losses=losses)
-        (folder / STATE_NAME).write_text(json.dumps(state, indent=1))
-        if config.save_total_limit:
-            older = sorted(p.parent for p in (output_dir / CHECKPOINTS).glob("step-*/" + STATE_NAME))
-            for stale in older[:-config.save_total_limit]:
-                shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return folder
 
 
 def _printer(accelerator, quiet: bool):
