@@ -15,6 +15,11 @@ The grid depends only on shapes (batch, heads, block-table width), never on the 
 `seq_lens`, so a decode step can be captured in a CUDA graph; programs whose partition lies
 beyond their sequence (or before its window) do nothing, and the merge reads only the
 partitions that hold keys.
+
+No load leaves its tensor, whatever the values of `seq_lens` and `block_table`: keys stop at
+the table's width (`context_bound`), and a position whose table entry is not a block of the
+pool (EVICTED, negative, >= num_blocks) is masked like a key outside the window. Both cost a
+few scalar or per-key integer compares, nothing per element of K or V.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ def decode(
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
         *out.stride(),
         kv_heads, num_partitions, partition_size, window_left, scale * LOG2E,
+        context_bound, k_pages.shape[0],
         SINGLE_PARTITION=single,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
@@ -101,7 +107,7 @@ def decode(
         _merge_partitions_kernel[(batch * q_heads,)](
             part_max, part_sum, part_out, seq_lens, out,
             *out.stride(),
-            q_heads, num_partitions, partition_size, window_left,
+            q_heads, num_partitions, partition_size, window_left, context_bound,
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=meta["HEAD_DIM_PAD"],
             BLOCK_P=min(32, triton.next_power_of_2(num_partitions)),
@@ -148,7 +154,7 @@ def write(
         key, value, k_pages, v_pages, slot_mapping,
         *key.stride(), *value.stride(), *k_pages.stride(), *v_pages.stride(),
         *slot_mapping.stride(),
-        tokens, kv_heads,
+        tokens, kv_heads, k_pages.shape[0] * k_pages.shape[1],
         BLOCK_SIZE=k_pages.shape[1],
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
@@ -207,7 +213,7 @@ def _decode_partition_kernel(
     stride_vn, stride_vs, stride_vh, stride_vd,
     stride_tb, stride_tc,
     stride_ob, stride_oh, stride_od,
-    kv_heads, num_partitions, partition_size, window_left, scale_log2,
+    kv_heads, num_partitions, partition_size, window_left, scale_log2, context_bound, num_blocks,
     GROUP: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -228,7 +234,8 @@ def _decode_partition_kernel(
     first_visible = tl.where(window_left >= 0, tl.maximum(query_pos - window_left, 0), 0)
     part_start = partition * partition_size
     lo = tl.maximum(part_start, first_visible)
-    hi = tl.minimum(part_start + partition_size, seq_len)
+    # Keys past the table's width have no entry to read: seq_lens too large for the table.
+    hi = tl.minimum(tl.minimum(part_start + partition_size, seq_len), context_bound)
 
     rows = tl.arange(0, GROUP_ROWS)
     row_ok = rows < GROUP
@@ -241,7 +248,7 @@ def _decode_partition_kernel(
             Q, K_pages, V_pages, Block_table, Alibi_slopes,
             stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
             stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
-            batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2,
+            batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2, num_blocks,
             GROUP_ROWS, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, IEEE_DOT,
         )
         # An empty sequence has row_sum == 0 and acc == 0: its output is zeros.
@@ -254,7 +261,7 @@ def _decode_partition_kernel(
                 Q, K_pages, V_pages, Block_table, Alibi_slopes,
                 stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
                 stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
-                batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2,
+                batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2, num_blocks,
                 GROUP_ROWS, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, IEEE_DOT,
             )
             # Partition buffers are contiguous (B, Hq, P[, D]).
@@ -270,7 +277,7 @@ def _attend_range(
     Q, K_pages, V_pages, Block_table, Alibi_slopes,
     stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
     stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
-    batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2,
+    batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2, num_blocks,
     GROUP_ROWS: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -288,12 +295,14 @@ def _attend_range(
     if HAS_ALIBI:
         slopes = tl.load(Alibi_slopes + heads, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
 
-    row_max = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
+    # A finite floor, not -inf: a step whose keys are all masked (table entries outside the
+    # pool) then leaves the max finite, and exp2(max - new_max) never computes -inf - -inf.
+    row_max = tl.full([GROUP_ROWS], -1.0e30, dtype=tl.float32)
     row_sum = tl.zeros([GROUP_ROWS], dtype=tl.float32)
     acc = tl.zeros([GROUP_ROWS, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # Steps are aligned to BLOCK_N; every step holds at least one key in [lo, hi), so the
-    # running max is finite after the first step.
+    # Steps are aligned to BLOCK_N. Masked keys load as zeros, so whatever a pool slot outside
+    # the sequence holds (a fresh torch.empty pool can hold NaN) never reaches the output.
     start = (lo // BLOCK_N) * BLOCK_N
     table_row = Block_table + batch.to(tl.int64) * stride_tb
     for block_start in range(start, hi, BLOCK_N):
@@ -301,6 +310,7 @@ def _attend_range(
         key_ok = (positions >= lo) & (positions < hi)
         physical = tl.load(table_row + (positions // BLOCK_SIZE) * stride_tc, mask=key_ok, other=0)
         physical = physical.to(tl.int64)
+        key_ok = key_ok & (physical >= 0) & (physical < num_blocks)  # EVICTED or past the pool
         slot = positions % BLOCK_SIZE
         load_mask = key_ok[:, None] & dim_ok[None, :]
 
@@ -330,7 +340,7 @@ def _attend_range(
 def _merge_partitions_kernel(
     Part_max, Part_sum, Part_out, Seq_lens, Out,
     stride_ob, stride_oh, stride_od,
-    q_heads, num_partitions, partition_size, window_left,
+    q_heads, num_partitions, partition_size, window_left, context_bound,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -342,9 +352,11 @@ def _merge_partitions_kernel(
 
     seq_len = tl.load(Seq_lens + batch).to(tl.int32)
     first_visible = tl.where(window_left >= 0, tl.maximum(seq_len - 1 - window_left, 0), 0)
-    # Exactly the partitions the first pass wrote (none when the sequence is empty).
+    # Exactly the partitions the first pass wrote (none when the sequence is empty); keys end
+    # at the table's width there too.
+    key_end = tl.minimum(seq_len, context_bound)
     first_part = first_visible // partition_size
-    end_part = tl.where(seq_len > 0, (seq_len - 1) // partition_size + 1, first_part)
+    end_part = tl.where(key_end > first_visible, (key_end - 1) // partition_size + 1, first_part)
 
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < HEAD_DIM
@@ -383,18 +395,19 @@ def _write_slots_kernel(
     stride_pkn, stride_pks, stride_pkh, stride_pkd,
     stride_pvn, stride_pvs, stride_pvh, stride_pvd,
     stride_sb, stride_sn,
-    tokens, kv_heads,
+    tokens, kv_heads, num_slots,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     HEADS: tl.constexpr,
 ):
-    """One program per (token, group of KV heads): copy its K and V rows into their slot."""
+    """One program per (token, group of KV heads): copy its K and V rows into their slot.
+    A slot outside the pool is skipped like a negative one: no store ever leaves the pages."""
     token = tl.program_id(0)
     batch = token // tokens
     position = token % tokens
     slot = tl.load(Slots + batch * stride_sb + position * stride_sn).to(tl.int64)
-    if slot >= 0:
+    if (slot >= 0) & (slot < num_slots):
         page = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
         heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)

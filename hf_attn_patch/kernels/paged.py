@@ -10,7 +10,13 @@ Layout (DESIGN.md, "Decode with a paged cache"):
 
 Semantics are those of `reference.paged_attention_reference`: `flash_attention` for the last
 query position. The Triton launch is registered as torch custom ops so a decode step runs
-under `torch.compile` and CUDA graphs: nothing here reads tensor values on the host.
+under `torch.compile` and CUDA graphs: nothing on the GPU path reads tensor values on the host.
+
+Out-of-range values never make a kernel read or write outside its tensors. The kernels mask
+them (free on the GPU): keys past the block table's width, and positions whose table entry is
+not a block of the pool, contribute nothing; slots outside the pool are not written. Checking
+the values instead costs a device-to-host sync, so it runs only where it is free (CPU tensors)
+or asked for (`validate=True`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ def paged_attention(
     window: int | tuple[int, int] | None = None,
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged K/V.
 
@@ -45,9 +52,19 @@ def paged_attention(
     of which decode uses only left. alibi_slopes: (Hq,) adds slope * (j - pos) to the scores.
     scale defaults to D ** -0.5. Returns (B, Hq, D) in q's dtype; a sequence of length 0 gives
     zeros.
+
+    Entries the window excludes are never read (they may be -1, blocks given back to the pool).
+    Out-of-range values are masked, never read: positions past the table's width
+    (seq_lens[b] > max_blocks * block_size) and positions whose entry is not in
+    [0, num_blocks) contribute nothing, as if outside the window; a row left with no key
+    gives zeros. validate: check seq_lens and the entries read, raising a ValueError that names
+    the first bad one; None (the default) checks CPU tensors only, since on a GPU the check
+    would stall the decode step on a device-to-host sync.
     """
     check_paged_inputs(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes=alibi_slopes)
     left, _ = window_reach(True, window)
+    if _should_validate(validate, block_table, seq_lens):
+        check_paged_values(k_pages, block_table, seq_lens, left)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(torch.float32)
@@ -62,15 +79,20 @@ def write_to_pages(
     k_pages: torch.Tensor,
     v_pages: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    validate: bool | None = None,
 ) -> None:
     """Write new tokens' K/V into their slots, in place.
 
     key, value: (B, Hkv, N, D), the layout transformers hands to its caches (any strides).
     slot_mapping: (B, N) integer flat slots (physical block * block_size + offset); a negative
     slot skips the token (left padding, finished sequences). One launch for the whole batch,
-    so a prefill writes all prompt tokens in one pass.
+    so a prefill writes all prompt tokens in one pass. A slot past the pool is not written;
+    validate (None: CPU tensors only, as for `paged_attention`) raises a ValueError for it.
     """
     check_write_inputs(key, value, k_pages, v_pages, slot_mapping)
+    if _should_validate(validate, slot_mapping):
+        check_slot_values(k_pages, slot_mapping)
     torch.ops.hf_attn_patch.write_to_pages(key, value, k_pages, v_pages, slot_mapping)
 
 
@@ -121,6 +143,61 @@ def check_paged_inputs(
             raise ValueError(f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
         extra.append(alibi_slopes)
     check_device(q, k_pages, v_pages, block_table, seq_lens, *extra)
+
+
+def check_paged_values(
+    k_pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, window_left: int
+) -> None:
+    """The values `paged_attention` reads: every length fits the table, every table entry a
+    sequence reads (from its window's first block to its last) is a block of the pool."""
+    num_blocks, block_size = k_pages.shape[:2]
+    width = block_table.shape[1]
+    lengths = seq_lens.detach().long().cpu()
+    table = block_table.detach().long().cpu()
+    capacity = width * block_size
+    wrong = (lengths < 0) | (lengths > capacity)
+    if wrong.any():
+        b = int(wrong.nonzero()[0, 0])
+        raise ValueError(
+            f"seq_lens[{b}] = {int(lengths[b])}, but a sequence holds 0 to {capacity} tokens: "
+            f"the block table has {width} blocks of {block_size} per sequence. Pass the "
+            "lengths the table was built for, or a wider table."
+        )
+    first = (lengths - 1 - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(lengths)
+    columns = torch.arange(width)
+    read = (columns >= (first // block_size)[:, None]) & (columns <= ((lengths - 1) // block_size)[:, None])
+    wrong = read & ((table < 0) | (table >= num_blocks))
+    if wrong.any():
+        b, i = (int(x) for x in wrong.nonzero()[0])
+        raise ValueError(
+            f"block_table[{b}, {i}] = {int(table[b, i])} is not a block of the pool (0 to "
+            f"{num_blocks - 1}), but sequence {b} (length {int(lengths[b])}) reads that block. "
+            "-1 marks a block given back to the pool: only blocks wholly before the window may be "
+            "given back. Fix the table or seq_lens."
+        )
+
+
+def check_slot_values(k_pages: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Every slot `write_to_pages` writes lies in the pool (negative slots are skipped)."""
+    num_slots = k_pages.shape[0] * k_pages.shape[1]
+    slots = slot_mapping.detach().long().cpu()
+    wrong = slots >= num_slots
+    if wrong.any():
+        b, n = (int(x) for x in wrong.nonzero()[0])
+        raise ValueError(
+            f"slot_mapping[{b}, {n}] = {int(slots[b, n])}, past the pool's {num_slots} slots "
+            f"({k_pages.shape[0]} blocks of {k_pages.shape[1]}); use -1 to skip a token"
+        )
+
+
+def _should_validate(validate: bool | None, *index_tensors: torch.Tensor) -> bool:
+    """Explicit True/False wins; by default, check values only where reading them is free:
+    CPU tensors, outside torch.compile's tracing."""
+    if validate is not None:
+        return validate
+    if torch.compiler.is_compiling():
+        return False
+    return all(t.device.type == "cpu" for t in index_tensors)
 
 
 def check_write_inputs(

@@ -100,13 +100,16 @@ def paged_attention_reference(
     k_pages, v_pages: (num_blocks, block_size, Hkv, D). block_table: (B, max_blocks), logical
     block i of sequence b lives in physical block block_table[b, i]; token t sits in slot
     t % block_size of logical block t // block_size. Entries the window excludes are never read.
-    A sequence of length 0 returns zeros. Returns (B, Hq, D) in q's dtype.
+    Positions with no block to read (past the table's width, or an entry outside
+    [0, num_blocks)) are masked: they contribute nothing. A sequence of length 0 returns zeros.
+    Returns (B, Hq, D) in q's dtype.
     """
-    block_size = k_pages.shape[1]
+    num_blocks, block_size = k_pages.shape[:2]
+    width = block_table.shape[1]
     outputs = []
     for b in range(q.shape[0]):
         length = int(seq_lens[b])
-        if length == 0:
+        if length <= 0 or width == 0:
             outputs.append(torch.zeros_like(q[b]))
             continue
         first = 0
@@ -115,14 +118,18 @@ def paged_attention_reference(
             first = max(0, length - 1 - left)
         # Only gather what the window can see: blocks before it may have been given back.
         positions = torch.arange(first, length, device=q.device)
-        physical = block_table[b, positions // block_size].long()
+        logical = positions // block_size
+        physical = block_table[b, logical.clamp(max=width - 1)].long()
+        real = (logical < width) & (physical >= 0) & (physical < num_blocks)
+        physical = physical.clamp(0, num_blocks - 1)  # gathered in range, then masked
         slots = positions % block_size
         k = k_pages[physical, slots].permute(1, 0, 2)[None]  # (1, Hkv, n, D)
         v = v_pages[physical, slots].permute(1, 0, 2)[None]
+        v = torch.where(real[None, None, :, None], v, torch.zeros_like(v))  # 0 * NaN would be NaN
         # The query stands at position length - 1; keys start at `first`, so distances match.
         out = attention_reference(
             q[b][None, :, None], k, v, causal=True, window=window,
-            alibi_slopes=alibi_slopes, scale=scale,
+            key_padding_mask=real[None], alibi_slopes=alibi_slopes, scale=scale,
         )
         outputs.append(out[0, :, 0])
     return torch.stack(outputs)

@@ -1,0 +1,139 @@
+"""A user's mistake or a stale buffer never makes a kernel read outside its tensors or turn a
+whole output into NaN (issue 13).
+
+Out-of-range block tables and lengths are masked in the kernels and rejected by the value
+checks where those are free; pool slots no query reads contribute nothing whatever they hold.
+The pages and tables here are views into larger tensors filled with NaN, so a read past a
+view's end shows up as NaN instead of as a crash or a silent wrong number.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_attn_patch.kernels import _paged_triton, paged_attention, write_to_pages
+from hf_attn_patch.kernels.reference import paged_attention_reference
+from tests.helpers import relative_error
+from tests.test_paged import make_paged_inputs
+
+NAN = float("nan")
+
+
+# --- paged_attention: tables and lengths out of range ---------------------------------------------
+
+
+def pages_inside_nan(k_pages, v_pages, extra_blocks=4):
+    """The same pages as views into pools whose extra blocks hold NaN."""
+    views = []
+    for pages in (k_pages, v_pages):
+        pool = torch.full((pages.shape[0] + extra_blocks, *pages.shape[1:]), NAN, dtype=pages.dtype)
+        pool[: pages.shape[0]] = pages
+        views.append(pool[: pages.shape[0]])
+    return views
+
+
+def decode(q, k_pages, v_pages, block_table, seq_lens, partition_size, window=None):
+    """paged_attention without the value checks, so the kernel itself meets the bad values;
+    a partition_size forces the split path (partitions + merge) on tiny shapes."""
+    if partition_size is None:
+        return paged_attention(q, k_pages, v_pages, block_table, seq_lens, window=window, validate=False)
+    left = -1 if window is None else window - 1
+    return _paged_triton.decode(q, k_pages, v_pages, block_table, seq_lens, None, left,
+                                q.shape[-1] ** -0.5, partition_size=partition_size)
+
+
+@pytest.mark.parametrize("partition_size", [None, 16], ids=["single", "split"])
+def test_table_entries_outside_the_pool_are_masked(partition_size):
+    q, k_pages, v_pages, table, seq_lens = make_paged_inputs((40, 33), 4, 2, 32, torch.float32, "cpu")
+    k_pages, v_pages = pages_inside_nan(k_pages, v_pages)
+    num_blocks = k_pages.shape[0]
+    table[0, 1] = num_blocks + 1  # past the pool: NaN there
+    table[1, 0] = -1  # EVICTED, yet inside the read range
+    out = decode(q, k_pages, v_pages, table, seq_lens, partition_size)
+    assert torch.isfinite(out).all()
+    expected = paged_attention_reference(q, k_pages, v_pages, table, seq_lens)
+    assert relative_error(out, expected) < 1e-4
+
+
+@pytest.mark.parametrize("partition_size", [None, 16], ids=["single", "split"])
+def test_seq_lens_past_the_table_are_masked(partition_size):
+    """The table is a view whose next columns name a NaN block: reading past the width shows."""
+    q, k_pages, v_pages, table, _ = make_paged_inputs((40, 40), 4, 2, 32, torch.float32, "cpu")
+    nan_block = k_pages.shape[0]
+    k_pages, v_pages = (torch.cat([p, torch.full_like(p[:1], NAN)]) for p in (k_pages, v_pages))
+    wide = torch.full((2, 8), nan_block, dtype=torch.int32)
+    wide[:, :3] = table[:, :3]
+    table = wide[:, :3]  # 48 positions per sequence
+    seq_lens = torch.tensor([48 + 40, 1_000_000], dtype=torch.int32)
+    out = decode(q, k_pages, v_pages, table, seq_lens, partition_size)
+    assert torch.isfinite(out).all()
+    expected = paged_attention_reference(q, k_pages, v_pages, table, seq_lens)
+    assert relative_error(out, expected) < 1e-4
+    # With a window beyond the table's end, no key is left: zeros.
+    out = decode(q, k_pages, v_pages, table, seq_lens, partition_size, window=8)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize(
+    "seq_lens,edit,message",
+    [
+        ((49, 5), None, r"seq_lens\[0\] = 49"),
+        ((-1, 5), None, r"seq_lens\[0\] = -1"),
+        ((40, 5), (0, 2, 99), r"block_table\[0, 2\] = 99"),
+        ((40, 5), (1, 0, -1), r"block_table\[1, 0\] = -1"),
+    ],
+    ids=["too-long", "negative", "past-the-pool", "evicted-but-read"],
+)
+def test_value_checks_name_the_bad_value(seq_lens, edit, message):
+    """On CPU tensors the checks are free, so they run by default."""
+    q, k_pages, v_pages, table, _ = make_paged_inputs((40, 5), 4, 2, 32, torch.float32, "cpu")
+    table = table[:, :3]  # 48 positions per sequence
+    if edit is not None:
+        table[edit[0], edit[1]] = edit[2]
+    with pytest.raises(ValueError, match=message):
+        paged_attention(q, k_pages, v_pages, table, torch.tensor(seq_lens, dtype=torch.int32))
+
+
+def test_value_checks_accept_evicted_blocks_before_the_window():
+    q, k_pages, v_pages, table, seq_lens = make_paged_inputs((60,), 4, 2, 32, torch.float32, "cpu")
+    table[0, :2] = -1  # positions 0..31; a window of 20 reads 40..59
+    paged_attention(q, k_pages, v_pages, table, seq_lens, window=20)
+    with pytest.raises(ValueError, match="given back"):
+        paged_attention(q, k_pages, v_pages, table, seq_lens, window=30)
+
+
+@pytest.mark.parametrize("partition_size", [None, 16], ids=["single", "split"])
+def test_non_finite_pool_slots_no_query_reads_are_harmless(partition_size):
+    """A fresh torch.empty pool can hold anything: NaN everywhere but the slots of real tokens
+    in the window, an EVICTED block before it, the partial last block's tail unused."""
+    lengths = (45, 37, 1)
+    q, k_pages, v_pages, table, seq_lens = make_paged_inputs(lengths, 4, 2, 32, torch.float32, "cpu")
+    window, block_size = 20, k_pages.shape[1]
+    clean_k, clean_v = k_pages.clone(), v_pages.clone()
+    k_pages.fill_(NAN)
+    v_pages.fill_(NAN)
+    for b, length in enumerate(lengths):
+        for t in range(max(0, length - window), length):
+            block, slot = table[b, t // block_size], t % block_size
+            k_pages[block, slot] = clean_k[block, slot]
+            v_pages[block, slot] = clean_v[block, slot]
+    table[0, 0] = -1  # positions 0..15, before the window (25..44)
+    out = decode(q, k_pages, v_pages, table, seq_lens, partition_size, window=window)
+    assert torch.isfinite(out).all()
+    expected = paged_attention_reference(q, clean_k, clean_v, table, seq_lens, window=window)
+    assert relative_error(out, expected) < 1e-4
+
+
+def test_write_to_pages_never_writes_past_the_pool():
+    """The pages are the first 4 blocks of an 8-block buffer: a slot past them must not land
+    in the other 4."""
+    buffers = [torch.full((8, 4, 2, 16), NAN) for _ in range(2)]
+    k_pages, v_pages = (b[:4] for b in buffers)
+    key = torch.randn(1, 2, 2, 16)
+    slots = torch.tensor([[3, 4 * 4 + 1]])  # 4 blocks of 4 slots: the second is past the pool
+    with pytest.raises(ValueError, match=r"slot_mapping\[0, 1\] = 17"):
+        write_to_pages(key, key, k_pages, v_pages, slots)
+    write_to_pages(key, key, k_pages, v_pages, slots, validate=False)
+    assert torch.equal(k_pages[0, 3], key[0, :, 0])
+    assert all(b[4:].isnan().all() for b in buffers)
