@@ -2,9 +2,10 @@
 whole output into NaN (issue 13).
 
 Out-of-range block tables and lengths are masked in the kernels and rejected by the value
-checks where those are free; pool slots no query reads contribute nothing whatever they hold.
-The pages and tables here are views into larger tensors filled with NaN, so a read past a
-view's end shows up as NaN instead of as a crash or a silent wrong number.
+checks where those are free; keys that no query sees (padding, slots before the window, unused
+pool slots) contribute nothing whatever K and V hold. The pages and tables here are views into
+larger tensors filled with NaN, so a read past a view's end shows up as NaN instead of as a
+crash or a silent wrong number.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_attn_patch.kernels import _paged_triton, paged_attention, write_to_pages
+from hf_attn_patch.kernels import (
+    _paged_triton, attention_reference, flash_attention, paged_attention, write_to_pages,
+)
 from hf_attn_patch.kernels.reference import paged_attention_reference
 from tests.helpers import relative_error
+from tests.test_flash import make_inputs
 from tests.test_paged import make_paged_inputs
 
 NAN = float("nan")
@@ -137,3 +141,45 @@ def test_write_to_pages_never_writes_past_the_pool():
     write_to_pages(key, key, k_pages, v_pages, slots, validate=False)
     assert torch.equal(k_pages[0, 3], key[0, :, 0])
     assert all(b[4:].isnan().all() for b in buffers)
+
+
+# --- flash_attention: keys no query sees hold NaN ---------------------------------------------------
+
+
+def check_nan_keys_contribute_nothing(q, k, v, hidden, **options):
+    """NaN in K and V where `hidden` (B, Nk) is true: the output and the gradients are finite
+    and match the reference on finite values there; the hidden keys' dK and dV are zeros."""
+    nan_k = k.masked_fill(hidden[:, None, :, None], NAN)
+    nan_v = v.masked_fill(hidden[:, None, :, None], NAN)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, nan_k, nan_v)]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = flash_attention(*leaves, **options)
+    expected = attention_reference(*ref_leaves, **options)
+    grad_out = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected_grads = torch.autograd.grad(expected, ref_leaves, grad_out)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (expected, *expected_grads)):
+        assert torch.isfinite(got).all(), f"{name} is not finite"
+        assert relative_error(got, want) < 1e-4, name
+    for name, grad in zip(("dk", "dv"), grads[1:]):
+        assert torch.equal(grad.transpose(1, 2)[hidden], torch.zeros_like(grad.transpose(1, 2)[hidden])), name
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_padded_keys_with_nan_contribute_nothing(causal):
+    q, k, v = make_inputs(2, 4, 2, 40, 40, 16, torch.float32, "cpu")
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, :5] = False  # left padding
+    mask[1, 3:36:4] = False  # holes, in every key block
+    check_nan_keys_contribute_nothing(q, k, v, ~mask, causal=causal, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("window", [8, (8, 2)], ids=["causal", "both-ways"])
+def test_keys_before_every_window_with_nan_contribute_nothing(window):
+    """A stale cache: queries at 48..59 never see keys before 41 (window 8) or 40 (left reach
+    8); those hold NaN, some in the same key block as keys the queries do see."""
+    q, k, v = make_inputs(1, 4, 2, 12, 60, 16, torch.float32, "cpu")
+    first_seen = 48 - (window - 1 if isinstance(window, int) else window[0])
+    hidden = torch.zeros(1, 60, dtype=torch.bool)
+    hidden[0, 20:first_seen] = True
+    check_nan_keys_contribute_nothing(q, k, v, hidden, window=window)

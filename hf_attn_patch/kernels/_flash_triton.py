@@ -10,6 +10,11 @@ exp2, and the saved log-sum-exp is in base 2 too.
 
 Window reach: a key j is visible to a query at position p when j - p <= right (right = 0 is
 causal) and p - j <= left; HAS_LEFT / HAS_RIGHT say whether each bound exists.
+
+Masked keys contribute exactly nothing, whatever K and V hold there (a padded or stale slot can
+hold NaN, and p = 0 times NaN is NaN): a padded key's K and V load as zeros (HAS_PADDING only),
+and so do those of keys that no query of the tile can see, in the boundary blocks only. Blocks
+seen whole load as before.
 """
 
 from __future__ import annotations
@@ -302,6 +307,22 @@ def _visible(pos, offs_n, k_len, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT:
 
 
 @triton.jit
+def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, MASKED: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Which K/V elements of a key block to load; the others read as zeros. In a boundary
+    block, only keys that some query of the tile (positions first_pos..last_pos) can see: a
+    key none of them sees must not reach the dots even as p = 0 times its value."""
+    if not MASKED:
+        return d_ok[None, :]
+    seen = offs_n < k_len
+    if HAS_LEFT:
+        seen = seen & (offs_n >= first_pos - left)
+    if HAS_RIGHT:
+        seen = seen & (offs_n <= last_pos + right)
+    return seen[:, None] & d_ok[None, :]
+
+
+@triton.jit
 def _padding_bounds_kernel(Mask, Bounds, stride_mb, stride_mn, k_len, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     first = tl.full([], 0, tl.int32) + k_len
@@ -368,7 +389,8 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     args = (q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            Mask, b * stride_mb, stride_mn, pos, offs_d, d_ok, k_len, left, right, slope, qk_scale)
+            Mask, b * stride_mb, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
+            slope, qk_scale)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, start, full_start, BLOCK_N, True,
                                HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_start, full_end, BLOCK_N, False,
@@ -391,17 +413,16 @@ def _fwd_kernel(
 @triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    Mask, mask_offset, stride_mn, pos, offs_d, d_ok, k_len, left, right, slope, qk_scale,
+    Mask, mask_offset, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
+    slope, qk_scale,
     start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
-        else:
-            kv_ok = d_ok[None, :]
+        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right,
+                              MASKED, HAS_LEFT, HAS_RIGHT)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
@@ -410,8 +431,9 @@ def _fwd_inner(
         if MASKED:
             s = tl.where(_visible(pos, offs_n, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
         if HAS_PADDING:
-            keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0)
-            s = tl.where((keep != 0)[None, :], s, float("-inf"))
+            keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
+            s = tl.where(keep[None, :], s, float("-inf"))
+            kv_ok = kv_ok & keep[:, None]  # NaN in K is harmless above (the where); in V it is not
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing visible yet keep m = -inf; subtract 0 instead so no NaN appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -479,16 +501,21 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    shift = k_len - q_len
     keep = offs_n < k_len
     if HAS_PADDING:
         keep = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
+    # V of a key no query sees (padded, or older than every window) loads as zeros: its dS row
+    # is then p * (0 - delta) = 0, not 0 * NaN. Once per program, not per step.
+    v_ok = kv_ok & keep[:, None]
+    if HAS_LEFT:
+        v_ok = v_ok & (offs_n >= shift - left)[:, None]
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=v_ok, other=0.0)
 
     # Query positions that see some key of this block, and those that see all of it.
-    shift = k_len - q_len
     first_key = pid_n * BLOCK_N
     last_key = tl.minimum(first_key + BLOCK_N, k_len) - 1
     lo = shift * 0
@@ -626,7 +653,8 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     args = (q, do, lse, delta, K + b * stride_kb + kv_h * stride_kh, stride_kn, stride_kd,
             V + b * stride_vb + kv_h * stride_vh, stride_vn, stride_vd,
-            Mask, b * stride_mb, stride_mn, pos, offs_d, d_ok, k_len, left, right, slope, qk_scale)
+            Mask, b * stride_mb, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
+            slope, qk_scale)
     dq = _dq_inner(dq, *args, start, full_start, BLOCK_N, True,
                    HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
     dq = _dq_inner(dq, *args, full_start, full_end, BLOCK_N, False,
@@ -642,17 +670,20 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dq_inner(
     dq, q, do, lse, delta, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
-    Mask, mask_offset, stride_mn, pos, offs_d, d_ok, k_len, left, right, slope, qk_scale,
+    Mask, mask_offset, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
+    slope, qk_scale,
     start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_ok = (offs_n < k_len)[:, None] & d_ok[None, :]
-        else:
-            kv_ok = d_ok[None, :]
+        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right,
+                              MASKED, HAS_LEFT, HAS_RIGHT)
+        if HAS_PADDING:
+            # Here both matter: dP = dO V^T meets V, dQ += dS K meets K, each times p = 0.
+            keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
+            kv_ok = kv_ok & keep[:, None]
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -664,8 +695,7 @@ def _dq_inner(
         if MASKED:
             p = tl.where(_visible(pos, offs_n, k_len, left, right, HAS_LEFT, HAS_RIGHT), p, 0.0)
         if HAS_PADDING:
-            keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0)
-            p = tl.where((keep != 0)[None, :], p, 0.0)
+            p = tl.where(keep[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
