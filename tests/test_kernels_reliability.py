@@ -3,9 +3,9 @@ whole output into NaN (issue 13).
 
 Out-of-range block tables and lengths are masked in the kernels and rejected by the value
 checks where those are free; keys that no query sees (padding, slots before the window, unused
-pool slots) contribute nothing whatever K and V hold. The pages and tables here are views into
-larger tensors filled with NaN, so a read past a view's end shows up as NaN instead of as a
-crash or a silent wrong number.
+pool slots) contribute nothing whatever K and V hold; the autotuner never offers a config the
+device cannot hold. The pages and tables here are views into larger tensors filled with NaN,
+so a read past a view's end shows up as NaN instead of as a crash or a silent wrong number.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hf_attn_patch.kernels import (
-    _paged_triton, attention_reference, flash_attention, paged_attention, write_to_pages,
+    SUPPORTED_HEAD_DIMS, _flash_triton, _paged_triton, attention_reference, flash_attention,
+    paged_attention, write_to_pages,
 )
 from hf_attn_patch.kernels.reference import paged_attention_reference
 from tests.helpers import relative_error
@@ -183,3 +184,68 @@ def test_keys_before_every_window_with_nan_contribute_nothing(window):
     hidden = torch.zeros(1, 60, dtype=torch.bool)
     hidden[0, 20:first_seen] = True
     check_nan_keys_contribute_nothing(q, k, v, hidden, window=window)
+
+
+# --- autotuning: never a config the device cannot hold ----------------------------------------------
+
+
+H200_SHARED_MEMORY = 232448
+KERNELS = {
+    "fwd": (_flash_triton._fwd_tiles, _flash_triton._FWD_BLOCKS),
+    "dkdv": (_flash_triton._dkdv_tiles, _flash_triton._DKDV_BLOCKS),
+    "dq": (_flash_triton._dq_tiles, _flash_triton._DQ_BLOCKS),
+}
+
+
+def prune(kernel, blocks, head_dim, dtype, q_len):
+    tiles, _ = KERNELS[kernel]
+    configs = [_flash_triton._config(*b) for b in blocks]
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    named_args = {"Q": torch.empty(0, dtype=dtype), "q_len": q_len}
+    return _flash_triton._prune_configs(configs, named_args, tiles=tiles, HEAD_DIM=head_dim, BLOCK_D=block_d)
+
+
+def test_shared_memory_estimate_matches_the_measured_failure():
+    """Issue 13: Triton asked for 262656 bytes (D=256, bf16) in the backward."""
+    config = _flash_triton._config(64, 128, 8, 2)
+    assert _flash_triton.shared_memory_estimate(config, _flash_triton._dkdv_tiles, 256, 2) == 262144
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "untuned"])
+def test_pruning_keeps_only_configs_the_device_holds(kernel, tuned, monkeypatch):
+    monkeypatch.setattr(_flash_triton, "_shared_memory_limit", lambda device: H200_SHARED_MEMORY)
+    tiles, blocks = KERNELS[kernel]
+    blocks = blocks if tuned else _flash_triton._UNTUNED
+    for head_dim in SUPPORTED_HEAD_DIMS:
+        for dtype in (torch.bfloat16, torch.float32):
+            for q_len in (1, 300):
+                kept = prune(kernel, blocks, head_dim, dtype, q_len)
+                block_d = max(16, 1 << (head_dim - 1).bit_length())
+                assert kept, (head_dim, dtype, q_len)
+                for config in kept:
+                    size = _flash_triton.shared_memory_estimate(config, tiles, block_d, dtype.itemsize)
+                    assert size + _flash_triton._SCRATCH_BYTES <= H200_SHARED_MEMORY, (head_dim, dtype, q_len, str(config))
+
+
+def test_pruning_keeps_the_tuned_choices_where_they_fit(monkeypatch):
+    """The limit takes away only what does not fit: at D=128 every tuned config stays."""
+    monkeypatch.setattr(_flash_triton, "_shared_memory_limit", lambda device: H200_SHARED_MEMORY)
+    kept = prune("dkdv", _flash_triton._DKDV_BLOCKS, 128, torch.bfloat16, 300)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept] == [
+        (64, 128, 2), (64, 128, 3), (64, 64, 3)
+    ]
+
+
+def test_pruning_shrinks_a_config_when_none_fits(monkeypatch):
+    """float32 at D=256 on a device with 100 KiB: no tuned dK/dV config fits."""
+    monkeypatch.setattr(_flash_triton, "_shared_memory_limit", lambda device: 100 * 1024)
+    (config,) = prune("dkdv", _flash_triton._DKDV_BLOCKS, 256, torch.float32, 300)
+    size = _flash_triton.shared_memory_estimate(config, _flash_triton._dkdv_tiles, 256, 4)
+    assert size + _flash_triton._SCRATCH_BYTES <= 100 * 1024
+    assert min(config.kwargs.values()) >= 16
+
+
+def test_no_limit_off_the_gpu():
+    """Under the interpreter nothing is pruned for shared memory (there is no such limit)."""
+    assert _flash_triton._shared_memory_limit(torch.device("cpu")) is None

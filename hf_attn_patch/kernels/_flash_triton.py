@@ -19,6 +19,7 @@ seen whole load as before.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -183,51 +184,139 @@ class _NoDevice:
 # the GPU tests set: they check results, and tuning every option combination costs minutes.
 _UNTUNED = [(64, 64, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2)]
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from the winners of a full tuning sweep on
+# an H100 (benchmarks/results, 2026-11-23).
+_FWD_BLOCKS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 3),
+               (16, 128, 4, 3)]
+_DKDV_BLOCKS = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_DQ_BLOCKS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 2)]
+
+# Room left for Triton's own shared-memory scratch (barriers, reductions): 512 bytes in the
+# one failure measured (issue 13).
+_SCRATCH_BYTES = 2048
+
 
 def _autotune_enabled() -> bool:
     return os.environ.get("HF_ATTN_PATCH_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
 
 
-def _configs(blocks):
-    """Triton configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples; one small config
-    under the interpreter, where autotuning would only cost time."""
+def set_autotuning(enabled: bool) -> None:
+    """Turn autotuning on or off for later launches, whatever HF_ATTN_PATCH_AUTOTUNE said at
+    import (the GPU tests of the tuned configs turn it on). Forgets every choice made so far."""
+    for kernel, blocks in ((_fwd_kernel, _FWD_BLOCKS), (_bwd_dkdv_kernel, _DKDV_BLOCKS),
+                           (_bwd_dq_kernel, _DQ_BLOCKS)):
+        kernel.configs = _configs(blocks, tuned=enabled)
+        kernel.cache.clear()
+    _CHOSEN_CONFIGS.clear()
+
+
+def _configs(blocks, tuned: bool | None = None):
+    """Triton configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples, or the untuned
+    ones when autotuning is off; one small config under the interpreter, where autotuning
+    would only cost time."""
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    if not _autotune_enabled():
+    if not (_autotune_enabled() if tuned is None else tuned):
         blocks = _UNTUNED
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in blocks
-    ]
+    return [_config(m, n, w, s) for m, n, w, s in blocks]
 
 
-def _prune_for_shape(configs, named_args, **kwargs):
-    """Keep the configs that suit the head dim (register and shared-memory budget) and the
-    query length (a 16-row tile for decode-sized queries)."""
+def _config(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps,
+                         num_stages=num_stages)
+
+
+# Rows of BLOCK_D columns each kernel keeps in shared memory, (held, streamed), from a config's
+# BLOCK_M and BLOCK_N: held tiles stay for the whole loop, streamed ones are buffered once per
+# pipeline stage.
+def _fwd_tiles(m, n):
+    return m, 2 * n  # Q held; K and V streamed
+
+
+def _dkdv_tiles(m, n):
+    return 2 * n, 2 * m  # K and V held; Q and dO streamed
+
+
+def _dq_tiles(m, n):
+    return 2 * m, 2 * n  # Q and dO held; K and V streamed
+
+
+def shared_memory_estimate(config, tiles, block_d: int, element_size: int) -> int:
+    """Bytes of shared memory a config asks for: the held tiles plus num_stages copies of the
+    streamed ones. The failure of issue 13 (D=256, bfloat16) asked for 262656 bytes where this
+    count gives 262144; the rest is Triton's scratch."""
+    held, streamed = tiles(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"])
+    return (held + config.num_stages * streamed) * block_d * element_size
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_limit(device: torch.device) -> int | None:
+    """Shared memory one program may use on the device (the number Triton checks at launch);
+    None off the GPU, where the interpreter has no such limit."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _prune_configs(configs, named_args, *, tiles, **kwargs):
+    """The configs the device can hold (shared memory) that suit the shape; if none suits the
+    shape, the first that fits; if none fits, the smallest, shrunk until it fits. A config
+    the device cannot hold is never offered: a lone survivor is launched without a trial."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    q_len = named_args["q_len"]
+    q = named_args["Q"]
+    limit = _shared_memory_limit(q.device)
 
-    def suits(config):
-        tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
-        if block_d >= 256 and tile > 64 * 64:
-            return False
-        if block_d < 256 and config.kwargs["BLOCK_M"] > 16 and tile < 64 * 64:
-            return False
-        return (config.kwargs["BLOCK_M"] <= 16) == (q_len <= 16)
+    def size(config):
+        return shared_memory_estimate(config, tiles, block_d, q.element_size())
 
-    return [c for c in configs if suits(c)] or configs[:1]
+    def fits(config):
+        return limit is None or size(config) + _SCRATCH_BYTES <= limit
+
+    fitting = [c for c in configs if fits(c)]
+    suited = [c for c in fitting if _suits_shape(c, block_d, named_args["q_len"])]
+    if suited:
+        return suited
+    if fitting:
+        return fitting[:1]
+    return [_shrink(min(configs, key=size), fits)]
 
 
-# Chosen from the winners of a full tuning sweep on an H100 (benchmarks/results, 2026-11-23).
-_FWD_CONFIGS = _configs([
-    (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 3),
-    (16, 128, 4, 3),
-])
-_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 2)])
+def _suits_shape(config, block_d: int, q_len: int) -> bool:
+    """Tiles that suit the head dim (register budget) and the query length (a 16-row tile for
+    decode-sized queries)."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    tile = block_m * block_n
+    if block_d >= 256 and tile > 64 * 64:
+        return False
+    if block_d < 256 and block_m > 16 and tile < 64 * 64:
+        return False
+    return (block_m <= 16) == (q_len <= 16)
+
+
+def _shrink(config, fits):
+    """Fewer stages, then halve the larger block (down to 16), until the config fits."""
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    smaller = config
+    while not fits(smaller) and (stages > 1 or max(m, n) > 16):
+        if stages > 1:
+            stages -= 1
+        elif n >= m:
+            n //= 2
+        else:
+            m //= 2
+        smaller = _config(m, n, config.num_warps, stages)
+    return smaller
+
+
+_FWD_CONFIGS = _configs(_FWD_BLOCKS)
+_DKDV_CONFIGS = _configs(_DKDV_BLOCKS)
+_DQ_CONFIGS = _configs(_DQ_BLOCKS)
 _TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_PADDING",
                "HAS_ALIBI", "DOT_PRECISION"]
-_PRUNE = {"early_config_prune": _prune_for_shape}
+_FWD_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_fwd_tiles)}
+_DKDV_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_dkdv_tiles)}
+_DQ_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_dq_tiles)}
 
 
 # --- shared pieces ------------------------------------------------------------------------------
@@ -339,7 +428,7 @@ def _padding_bounds_kernel(Mask, Bounds, stride_mb, stride_mn, k_len, BLOCK: tl.
 # --- forward ------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_FWD_PRUNE)
 @triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, Mask, Bounds, Slopes,
@@ -474,7 +563,7 @@ def _bwd_delta_kernel(
     tl.store(Delta + pid_bh * q_len + offs_m, delta, mask=offs_m < q_len)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DKDV_PRUNE)
 @triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dkdv_kernel(
     Q, K, V, dOut, dK, dV, Lse, Delta, Mask, Bounds, Slopes,
@@ -603,7 +692,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DQ_PRUNE)
 @triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dq_kernel(
     Q, K, V, dOut, dQ, Lse, Delta, Mask, Bounds, Slopes,

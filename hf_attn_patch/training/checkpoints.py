@@ -186,8 +186,8 @@ def _read(folder: Path) -> ResumePoint:
     try:
         state = json.loads(path.read_text())
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"cannot resume from {folder}: {STATE_NAME} is damaged ({error}); resume from an "
-                         "earlier checkpoint") from None
+        raise ValueError(f"cannot resume from {folder}: {STATE_NAME} is damaged ({error}); move that checkpoint "
+                         "out of the way and resume from the one before") from None
     if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("layout"), dict)
             and isinstance(state.get("losses"), list)):
         raise ValueError(f"cannot resume from {folder}: {STATE_NAME} lacks step, layout or losses; it was not "

@@ -1,0 +1,49 @@
+"""flash_attention with autotuning on, the default a user gets (issue 13): every supported head
+dim, forward and backward, causal or not, against the reference.
+
+The rest of the suite runs with HF_ATTN_PATCH_AUTOTUNE=0 (conftest.py); this module turns
+autotuning on for itself, so every config the pruner offers is compiled and timed: a few
+minutes on an H200, nearly all of it compiling. Lengths of 300 give several blocks even to the
+128-row configs; q_len = 1 is the decode-shaped backward whose dK/dV was handed, alone and
+untried, a config needing more shared memory than an H200 has (head dim 256).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_attn_patch.kernels import SUPPORTED_HEAD_DIMS, _flash_triton
+from tests.test_flash import check_against_reference, make_inputs
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def autotuning():
+    _flash_triton.set_autotuning(True)
+    assert len(_flash_triton._fwd_kernel.configs) > 1
+    yield
+    _flash_triton.set_autotuning(_flash_triton._autotune_enabled())
+
+
+SHAPES = [
+    pytest.param(300, 300, False, id="full"),
+    pytest.param(300, 300, True, id="causal"),
+    pytest.param(1, 300, True, id="decode"),
+]
+
+
+@pytest.mark.parametrize("q_len,k_len,causal", SHAPES)
+@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
+def test_tuned_kernels_match_reference(head_dim, q_len, k_len, causal):
+    q, k, v = make_inputs(2, 4, 2, q_len, k_len, head_dim, torch.bfloat16, "cuda", seed=head_dim)
+    check_against_reference(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_tuned_head_dim_256_in_other_dtypes(dtype):
+    """float32 tiles take twice the shared memory: no tuned dK/dV or dQ config fits at D=256."""
+    q, k, v = make_inputs(1, 4, 2, 300, 300, 256, dtype, "cuda", seed=1)
+    check_against_reference(q, k, v, causal=True)
+    check_against_reference(q[:, :, :1], k, v, causal=True)
