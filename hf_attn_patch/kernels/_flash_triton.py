@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._checks import interpreter_enabled
+from ._launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -111,7 +112,8 @@ def _launch_tuned(kernel, grid, args: tuple, static: dict, dtypes: tuple) -> Non
     Triton's `Autotuner.run` rebuilds dicts of all ~40 arguments on every call to find its
     cached choice: ~60 us of host time a launch on an H100 machine's host, paid by every layer
     of every decode step, which is launch-bound (benchmarks/host_overhead.py). The first launch
-    goes through it (tuning, or its single config); later ones reuse its choice directly.
+    goes through it (tuning, or its single config); later ones reuse its choice directly, and
+    `_launch.launch` reuses the compiled kernel without Triton's own per-call bookkeeping.
     """
     # The autotuner's own key: Q_BUCKET and K_BUCKET (the last two arguments), the static
     # switches, and the tensors' dtypes.
@@ -121,7 +123,7 @@ def _launch_tuned(kernel, grid, args: tuple, static: dict, dtypes: tuple) -> Non
         kernel[grid](*args, **static)
         _CHOSEN_CONFIGS[key] = kernel.best_config.all_kwargs()
     else:
-        kernel.fn[grid](*args, **static, **chosen)
+        launch(kernel.fn, grid, args, {**static, **chosen})
 
 
 def _tuning_dtypes(q, key_padding_mask, alibi_slopes) -> tuple:

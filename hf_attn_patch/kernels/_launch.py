@@ -1,0 +1,117 @@
+"""Launching a compiled Triton kernel again without Triton's per-call bookkeeping.
+
+`JITFunction.run` binds ~40 arguments, builds the specialisation list, hashes it into a cache
+key and looks the compiled kernel up on every call: ~100 us of host time per launch on the H200
+machine's host (benchmarks/decode_profile.py), several times what launching takes. A decode
+step of a 1B model makes one attention launch per layer and is bound by the host, so that
+bookkeeping alone made a patched step slower than stock.
+
+`launch` keeps the compiled kernel of each (kernel, compile-time arguments, specialisation) and
+calls it directly. The specialisation is recomputed here by Triton's own rules for what it
+specialises on (an integer equal to 1, divisible by 16, its width; a tensor's dtype and 16-byte
+alignment), so a call that Triton would compile differently never reuses the wrong binary: it
+misses the cache and goes through `JITFunction.run`, which compiles it. Launch hooks (profilers)
+and the interpreter always take Triton's own path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+from ._checks import interpreter_enabled
+
+__all__ = ["launch", "fast_launch_stats", "tritons_own_launch"]
+
+_COMPILED: dict[tuple, object] = {}
+_STATS = {"fast": 0, "slow": 0}
+_disabled_reason: str | None = None
+
+
+def launch(fn, grid, args: tuple, constexprs: dict) -> None:
+    """`fn[grid](*args, **constexprs)`, skipping Triton's bookkeeping when it can.
+
+    fn: a `triton.jit` function (not an autotuner). grid: a tuple, or a callable of the
+    compile-time arguments as `fn[grid]` takes it. constexprs: every keyword argument, the
+    launch options (num_warps, num_stages, ...) included.
+    """
+    if _disabled_reason is not None or interpreter_enabled() or _hooks_set():
+        _STATS["slow"] += 1
+        fn[grid](*args, **constexprs)
+        return
+    # A compiled kernel is loaded on one device: the device is part of the key.
+    key = (fn, torch.cuda.current_device(), _frozen(constexprs), *map(_specialisation, args))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        _STATS["slow"] += 1
+        _COMPILED[key] = fn[grid](*args, **constexprs)
+        return
+    if callable(grid):
+        grid = grid(constexprs)
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    params = _ordered_params(fn, args, constexprs)
+    try:
+        compiled[grid](*params)
+    except TypeError as error:  # a Triton whose CompiledKernel is called differently
+        _disable(f"{type(error).__name__}: {error}")
+        fn[grid](*args, **constexprs)
+        return
+    _STATS["fast"] += 1
+
+
+def fast_launch_stats() -> dict:
+    """Launches that took the direct path and Triton's path; why the direct path is off."""
+    return {**_STATS, "disabled": _disabled_reason}
+
+
+@contextlib.contextmanager
+def tritons_own_launch():
+    """Every launch inside the block goes through `JITFunction.run` (benchmarks compare)."""
+    global _disabled_reason
+    previous, _disabled_reason = _disabled_reason, "tritons_own_launch() block"
+    try:
+        yield
+    finally:
+        _disabled_reason = previous
+
+
+def _disable(reason: str) -> None:
+    global _disabled_reason
+    _disabled_reason = reason
+
+
+def _hooks_set() -> bool:
+    """A profiler's launch hooks need Triton's own path (3.6 keeps them as chains, empty by default)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return False
+    return any(hook is not None and bool(getattr(hook, "calls", True))
+               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+
+
+def _frozen(constexprs: dict) -> tuple:
+    return tuple(constexprs.items())
+
+
+def _specialisation(arg):
+    """What Triton compiles a separate binary for, for one runtime argument."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool) or arg is None or isinstance(arg, float):
+        return (type(arg), arg if arg is None or isinstance(arg, bool) else None)
+    if isinstance(arg, int):
+        return (arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg >= 0)
+    return (type(arg), arg)  # anything else: its value decides
+
+
+_PARAM_NAMES: dict = {}
+
+
+def _ordered_params(fn, args: tuple, constexprs: dict) -> list:
+    """Every parameter of the kernel in signature order, as `CompiledKernel` takes them."""
+    names = _PARAM_NAMES.get(fn)
+    if names is None:
+        names = _PARAM_NAMES[fn] = tuple(fn.arg_names)
+    return [*args, *(constexprs[name] for name in names[len(args):])]

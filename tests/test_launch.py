@@ -1,0 +1,53 @@
+"""The direct launch path (`kernels/_launch.py`): same results as Triton's own, and a new
+specialisation never reuses a binary compiled for another."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_attn_patch.kernels import _launch, attention_reference, flash_attention
+
+from .helpers import relative_error
+
+
+def test_specialisation_follows_tritons_rules():
+    spec = _launch._specialisation
+    # Integers: Triton compiles apart a 1, multiples of 16, and 64-bit values.
+    assert spec(1) != spec(3)
+    assert spec(16) != spec(24)
+    assert spec(32) == spec(48)
+    assert spec(2**31) != spec(2**31 - 16)
+    # Tensors: dtype and 16-byte alignment.
+    base = torch.zeros(64, dtype=torch.float16)
+    assert spec(base) == spec(base[8:])  # 16 bytes in: still aligned
+    assert spec(base) != spec(base[1:])
+    assert spec(base) != spec(base.float())
+    assert spec(None) == spec(None) != spec(0)
+
+
+def test_ordered_params_put_constexprs_in_signature_order():
+    class FakeKernel:
+        arg_names = ["X", "n", "BLOCK", "FLAG"]
+
+    params = _launch._ordered_params(FakeKernel, ("x", 7), {"FLAG": True, "num_warps": 4, "BLOCK": 64})
+    assert params == ["x", 7, 64, True]
+
+
+@pytest.mark.gpu
+def test_direct_launches_match_the_reference_as_a_cache_grows():
+    """Decode-shaped calls over a growing contiguous cache: strides and lengths change every
+    call (as with transformers' DynamicCache), most calls take the direct path."""
+    torch.manual_seed(0)
+    before = _launch.fast_launch_stats()
+    k_all = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    v_all = torch.randn_like(k_all)
+    for length in range(200, 240):
+        q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        k, v = k_all[:, :, :length].contiguous(), v_all[:, :, :length].contiguous()
+        out = flash_attention(q, k, v, causal=True)
+        expected = attention_reference(q.float(), k.float(), v.float(), causal=True)
+        assert relative_error(out, expected) < 2e-2, length
+    after = _launch.fast_launch_stats()
+    assert after["disabled"] is None
+    assert after["fast"] - before["fast"] >= 30
