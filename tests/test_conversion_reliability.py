@@ -436,3 +436,18 @@ def _drop_permission_override() -> None:
     for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
         if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+@pytest.mark.parametrize("slip", [".", "..", "~"])
+def test_overwrite_never_replaces_the_working_or_home_folder(source, tmp_path, monkeypatch, slip):
+    """`convert src . --overwrite` (or `..`, `~`) would delete the folder the user is working in."""
+    work, home = tmp_path / "parent" / "work", tmp_path / "home"
+    work.mkdir(parents=True)
+    home.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    destination = os.path.expanduser(slip)
+    with pytest.raises(ConversionError, match="overwrite=True would delete it"):
+        convert_checkpoint(source, destination, num_kv_heads=2, overwrite=True, **FAST)
+    assert (work / "notes.txt").read_text() == "mine" and home.is_dir()

@@ -133,6 +133,29 @@ def _check_destination(source: Path, destination: Path, overwrite: bool) -> None
                 f"destination {str(destination)!r} already exists; pass overwrite=True (--overwrite) to "
                 "replace it once the new checkpoint is complete"
             )
+        protected = _protected_folder(destination_real)
+        if protected:
+            raise ConversionError(
+                f"destination {str(destination)!r} is {protected}; overwrite=True would delete it and all it "
+                "holds. Write the checkpoint to a new folder"
+            )
+
+
+def _protected_folder(folder: Path) -> str | None:
+    """Folders that a slip of the keyboard (`.`, `..`, `~`) must not let overwrite=True replace."""
+    try:
+        working = Path.cwd().resolve()
+    except OSError:  # the working folder was deleted: nothing to protect
+        working = None
+    try:
+        home = Path.home().resolve()
+    except (OSError, RuntimeError):  # no HOME and no password entry
+        home = None
+    if working is not None and (folder == working or folder in working.parents):
+        return "the working folder or holds it"
+    if folder == home:
+        return "the home folder"
+    return None
 
 
 def _resolve(path: Path) -> Path:
