@@ -405,3 +405,27 @@ def test_example_script_errors_are_one_line(checkpoints, tmp_path, capsys):
         example.main([*argv, "--debug"])
     assert example.main([*argv[:2], str(tmp_path), "--output-dir", str(tmp_path / "out"), "--lr", "nan"]) == 2
     assert "lr must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_interrupted_run_hands_a_given_model_back_as_it_came(tmp_path, monkeypatch):
+    """Ctrl-C in a notebook: the instance must not stay patched, dropout-free, checkpointed, in train mode."""
+    from hf_attn_patch.training import objectives
+
+    model = llama()
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    model.eval()
+
+    def interrupted(self, student, batch):
+        assert is_patched(student) and student.model.layers[0].self_attn.attention_dropout == 0.0
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(objectives.Objective, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        uptrain(UptrainConfig(model=model, output_dir=tmp_path / "run", data=_tokens(0),
+                              **{**QUICK, "patch": True, "gradient_checkpointing": True}))
+    checkpointing = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+                     else "is_gradient_checkpointing")  # renamed in transformers 5.2x
+    assert not is_patched(model) and not model.training and not getattr(model, checkpointing)
+    assert model.config.use_cache is True and model.model.layers[0].self_attn.attention_dropout == 0.1

@@ -39,7 +39,22 @@ __all__ = ["uptrain", "lr_at", "STATE_NAME", "CHECKPOINTS"]
 
 
 def uptrain(config: UptrainConfig) -> UptrainResult:
-    """Run `config` and return what was done (see UptrainConfig, UptrainResult, docs/uptraining.md)."""
+    """Run `config` and return what was done (see UptrainConfig, UptrainResult, docs/uptraining.md).
+
+    Models given as instances are handed back as they came, also when the run fails or is
+    interrupted (Ctrl-C in a notebook): patching, attention dropout, gradient checkpointing,
+    training mode and use_cache are restored. Their weights keep the updates made so far.
+    """
+    undo_on_failure: list = []
+    try:
+        return _run(config, undo_on_failure)
+    except BaseException:
+        for undo in reversed(undo_on_failure):
+            undo()
+        raise
+
+
+def _run(config: UptrainConfig, undo_on_failure: list) -> UptrainResult:
     started = time.perf_counter()
 
     # --- 1. refuse what cannot work -------------------------------------------------------------
@@ -101,12 +116,16 @@ def uptrain(config: UptrainConfig) -> UptrainResult:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     model.train()
+    if given is not None:
+        undo_on_failure.append(lambda: _hand_back(given, given_state, restore_dropout, config.gradient_checkpointing))
     student_is_base = model.base_model is model
 
     teacher, teacher_given_state = None, None
     if teacher_spec is not None:
         teacher = load_model(teacher_spec, autocast_dtype if accelerator.device.type == "cuda" else torch.float32)
         teacher_given_state = _ModelState.capture(teacher) if teacher is config.teacher else None
+        if teacher_given_state is not None:
+            undo_on_failure.append(lambda: teacher_given_state.restore(teacher))
         if config.patch and not is_patched(teacher):
             try:
                 patch_model(teacher)
@@ -255,6 +274,14 @@ class _ModelState:
         elif not self.patched and is_patched(model):
             unpatch_model(model)
         model.train(self.training)
+
+
+def _hand_back(model, state: _ModelState, restore_dropout, checkpointing: bool) -> None:
+    """Undo what a failed run changed on a model it was given (not its weights)."""
+    restore_dropout()
+    if checkpointing:
+        disable_gradient_checkpointing(model)
+    state.restore(model)
 
 
 def _check_teacher(spec, teacher) -> None:
