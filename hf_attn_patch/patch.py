@@ -13,12 +13,17 @@ there:
 
 The whole model is checked before anything changes: a model with any attention module outside
 the supported families, or one the kernels cannot run, raises and stays untouched.
+
+What a patch changed is kept on the model itself, not in a registry beside it: the model given to
+`patch_model` holds its record, each patched attention module a flag. So a copy of a patched
+model (`copy.deepcopy`, pickle, `torch.save(model)`) is a patched model in every sense: its record
+names its own configs and modules, `is_patched` sees its flags, `unpatch_model` restores it, and
+the original is untouched by either.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -45,7 +50,7 @@ def patch_model(model: torch.nn.Module, **options) -> torch.nn.Module:
         raise TypeError(f"patch_model() got unknown options {sorted(options)}; it accepts none yet")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch_model() takes a torch.nn.Module, got {type(model).__name__}")
-    if model in _records:
+    if _record_of(model) is not None:
         return model
 
     targets, configs = _plan(model)
@@ -60,18 +65,18 @@ def patch_model(model: torch.nn.Module, **options) -> torch.nn.Module:
         for family, module in targets:
             if family.patch_module is not None:
                 record.undos.append(family.patch_module(module))
-            _patched_modules.add(module)
+            setattr(module, _PATCHED, True)
             record.modules.append(module)
     except BaseException:
         _restore(record)
         raise
-    _records[model] = record
+    setattr(model, _RECORD, record)
     return model
 
 
 def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     """Put back exactly what `patch_model` changed in `model` (and in models patched inside it)."""
-    roots = [module for module in model.modules() if module in _records]
+    roots = [module for module in model.modules() if _record_of(module) is not None]
     if not roots:
         if is_patched(model):
             raise ValueError(
@@ -80,7 +85,9 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
             )
         return model
     for root in reversed(roots):
-        _restore(_records.pop(root))
+        record = _record_of(root)
+        delattr(root, _RECORD)
+        _restore(record)
     return model
 
 
@@ -101,30 +108,48 @@ def patched(model: torch.nn.Module, **options) -> Iterator[torch.nn.Module]:
 
 def is_patched(model: torch.nn.Module) -> bool:
     """True when some attention module of `model` runs on our kernels."""
-    return any(module in _patched_modules for module in model.modules())
+    return any(_is_patched_module(module) for module in model.modules())
 
 
 # --- bookkeeping --------------------------------------------------------------------------------
 
 
+# Attribute names on the modules themselves; plain attributes, so copies carry them and
+# state_dict / save_pretrained never see them.
+_RECORD = "_hf_attn_patch_record"  # on the model given to patch_model: its _Record
+_PATCHED = "_hf_attn_patch_patched"  # on each attention module it patched: True
+
+
 @dataclass
 class _Record:
-    """What one patch_model call changed, in order."""
+    """What one patch_model call changed, in order. Everything in it is picklable and refers to
+    the model's own objects, so a deep copy or an unpickled copy of the model gets a record of
+    its own configs and modules (families' undos are picklable callables, not closures)."""
 
     configs: list[tuple[object, str | None]] = field(default_factory=list)
     undos: list = field(default_factory=list)
     modules: list[torch.nn.Module] = field(default_factory=list)
 
+    def __setstate__(self, state):
+        # An unpickled patched model (torch.load in a new process) names our implementation in
+        # its configs: make sure transformers knows it.
+        self.__dict__.update(state)
+        register()
 
-_records: "weakref.WeakKeyDictionary[torch.nn.Module, _Record]" = weakref.WeakKeyDictionary()
-_patched_modules: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+def _record_of(module: torch.nn.Module) -> _Record | None:
+    return module.__dict__.get(_RECORD)
+
+
+def _is_patched_module(module: torch.nn.Module) -> bool:
+    return module.__dict__.get(_PATCHED, False)
 
 
 def _restore(record: _Record) -> None:
     for undo in reversed(record.undos):
         undo()
     for module in record.modules:
-        _patched_modules.discard(module)
+        module.__dict__.pop(_PATCHED, None)
     for config, previous in reversed(record.configs):
         config._attn_implementation_internal = previous
 
@@ -144,7 +169,7 @@ def _plan(model: torch.nn.Module) -> tuple[list[tuple[Family, torch.nn.Module]],
         if problem is not None:
             problems.append(problem)
             continue
-        if module not in _patched_modules:
+        if not _is_patched_module(module):
             targets.append((family, module))
         configs[id(module.config)] = module.config
     for module in model.modules():

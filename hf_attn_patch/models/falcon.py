@@ -42,25 +42,43 @@ __all__ = ["FAMILY"]
 
 
 def _patch_module(module: FalconAttention) -> Undo:
-    """Swap this instance's forward for ours; return the function that puts the old one back."""
-    had_own_forward = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    slopes = _AlibiSlopes(module) if module.config.alibi else None
+    """Swap this instance's forward for ours; return the callable that puts the old one back.
 
-    def forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
-                use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
-        return _falcon_forward(self, slopes, hidden_states, alibi, attention_mask, layer_past,
+    Both are small objects, not closures, so that a patched model can be deep-copied and
+    pickled (torch.save(model)): a copy's forward and undo then refer to the copy's module.
+    """
+    undo = _RestoreForward(module, "forward" in module.__dict__, module.__dict__.get("forward"))
+    slopes = _AlibiSlopes(module) if module.config.alibi else None
+    module.forward = _PatchedForward(module, slopes)
+    return undo
+
+
+class _PatchedForward:
+    """The forward of one patched FalconAttention: its stock signature, our `_falcon_forward`."""
+
+    def __init__(self, module: FalconAttention, slopes: "_AlibiSlopes | None"):
+        self.module = module
+        self.slopes = slopes
+
+    def __call__(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
+                 use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+        return _falcon_forward(self.module, self.slopes, hidden_states, alibi, attention_mask, layer_past,
                                output_attentions, position_embeddings)
 
-    module.forward = types.MethodType(forward, module)
 
-    def undo() -> None:
-        if had_own_forward:
-            module.forward = previous
+class _RestoreForward:
+    """Undo of `_patch_module`: the instance's own forward as it was, or none."""
+
+    def __init__(self, module: FalconAttention, had_own_forward: bool, previous):
+        self.module = module
+        self.had_own_forward = had_own_forward
+        self.previous = previous
+
+    def __call__(self) -> None:
+        if self.had_own_forward:
+            self.module.forward = self.previous
         else:
-            del module.__dict__["forward"]
-
-    return undo
+            del self.module.__dict__["forward"]
 
 
 def _falcon_forward(module, slopes, hidden_states, alibi, attention_mask, layer_past, output_attentions,
