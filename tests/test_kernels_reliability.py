@@ -32,7 +32,8 @@ def pages_inside_nan(k_pages, v_pages, extra_blocks=4):
     """The same pages as views into pools whose extra blocks hold NaN."""
     views = []
     for pages in (k_pages, v_pages):
-        pool = torch.full((pages.shape[0] + extra_blocks, *pages.shape[1:]), NAN, dtype=pages.dtype)
+        pool = torch.full((pages.shape[0] + extra_blocks, *pages.shape[1:]), NAN, dtype=pages.dtype,
+                          device=pages.device)
         pool[: pages.shape[0]] = pages
         views.append(pool[: pages.shape[0]])
     return views
@@ -49,8 +50,8 @@ def decode(q, k_pages, v_pages, block_table, seq_lens, partition_size, window=No
 
 
 @pytest.mark.parametrize("partition_size", [None, 16], ids=["single", "split"])
-def test_table_entries_outside_the_pool_are_masked(partition_size):
-    q, k_pages, v_pages, table, seq_lens = make_paged_inputs((40, 33), 4, 2, 32, torch.float32, "cpu")
+def test_table_entries_outside_the_pool_are_masked(partition_size, device):
+    q, k_pages, v_pages, table, seq_lens = make_paged_inputs((40, 33), 4, 2, 32, torch.float32, device)
     k_pages, v_pages = pages_inside_nan(k_pages, v_pages)
     num_blocks = k_pages.shape[0]
     table[0, 1] = num_blocks + 1  # past the pool: NaN there
@@ -62,15 +63,15 @@ def test_table_entries_outside_the_pool_are_masked(partition_size):
 
 
 @pytest.mark.parametrize("partition_size", [None, 16], ids=["single", "split"])
-def test_seq_lens_past_the_table_are_masked(partition_size):
+def test_seq_lens_past_the_table_are_masked(partition_size, device):
     """The table is a view whose next columns name a NaN block: reading past the width shows."""
-    q, k_pages, v_pages, table, _ = make_paged_inputs((40, 40), 4, 2, 32, torch.float32, "cpu")
+    q, k_pages, v_pages, table, _ = make_paged_inputs((40, 40), 4, 2, 32, torch.float32, device)
     nan_block = k_pages.shape[0]
     k_pages, v_pages = (torch.cat([p, torch.full_like(p[:1], NAN)]) for p in (k_pages, v_pages))
-    wide = torch.full((2, 8), nan_block, dtype=torch.int32)
+    wide = torch.full((2, 8), nan_block, dtype=torch.int32, device=device)
     wide[:, :3] = table[:, :3]
     table = wide[:, :3]  # 48 positions per sequence
-    seq_lens = torch.tensor([48 + 40, 1_000_000], dtype=torch.int32)
+    seq_lens = torch.tensor([48 + 40, 1_000_000], dtype=torch.int32, device=device)
     out = decode(q, k_pages, v_pages, table, seq_lens, partition_size)
     assert torch.isfinite(out).all()
     expected = paged_attention_reference(q, k_pages, v_pages, table, seq_lens)
@@ -90,30 +91,33 @@ def test_seq_lens_past_the_table_are_masked(partition_size):
     ],
     ids=["too-long", "negative", "past-the-pool", "evicted-but-read"],
 )
-def test_value_checks_name_the_bad_value(seq_lens, edit, message):
-    """On CPU tensors the checks are free, so they run by default."""
-    q, k_pages, v_pages, table, _ = make_paged_inputs((40, 5), 4, 2, 32, torch.float32, "cpu")
+def test_value_checks_name_the_bad_value(seq_lens, edit, message, device):
+    q, k_pages, v_pages, table, _ = make_paged_inputs((40, 5), 4, 2, 32, torch.float32, device)
     table = table[:, :3]  # 48 positions per sequence
     if edit is not None:
         table[edit[0], edit[1]] = edit[2]
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match=message):
-        paged_attention(q, k_pages, v_pages, table, torch.tensor(seq_lens, dtype=torch.int32))
+        paged_attention(q, k_pages, v_pages, table, seq_lens, validate=True)
+    if device == "cpu":  # CPU values cost no sync to read: checked by default
+        with pytest.raises(ValueError, match=message):
+            paged_attention(q, k_pages, v_pages, table, seq_lens)
 
 
-def test_value_checks_accept_evicted_blocks_before_the_window():
-    q, k_pages, v_pages, table, seq_lens = make_paged_inputs((60,), 4, 2, 32, torch.float32, "cpu")
+def test_value_checks_accept_evicted_blocks_before_the_window(device):
+    q, k_pages, v_pages, table, seq_lens = make_paged_inputs((60,), 4, 2, 32, torch.float32, device)
     table[0, :2] = -1  # positions 0..31; a window of 20 reads 40..59
-    paged_attention(q, k_pages, v_pages, table, seq_lens, window=20)
+    paged_attention(q, k_pages, v_pages, table, seq_lens, window=20, validate=True)
     with pytest.raises(ValueError, match="given back"):
-        paged_attention(q, k_pages, v_pages, table, seq_lens, window=30)
+        paged_attention(q, k_pages, v_pages, table, seq_lens, window=30, validate=True)
 
 
 @pytest.mark.parametrize("partition_size", [None, 16], ids=["single", "split"])
-def test_non_finite_pool_slots_no_query_reads_are_harmless(partition_size):
+def test_non_finite_pool_slots_no_query_reads_are_harmless(partition_size, device):
     """A fresh torch.empty pool can hold anything: NaN everywhere but the slots of real tokens
     in the window, an EVICTED block before it, the partial last block's tail unused."""
     lengths = (45, 37, 1)
-    q, k_pages, v_pages, table, seq_lens = make_paged_inputs(lengths, 4, 2, 32, torch.float32, "cpu")
+    q, k_pages, v_pages, table, seq_lens = make_paged_inputs(lengths, 4, 2, 32, torch.float32, device)
     window, block_size = 20, k_pages.shape[1]
     clean_k, clean_v = k_pages.clone(), v_pages.clone()
     k_pages.fill_(NAN)
@@ -130,15 +134,15 @@ def test_non_finite_pool_slots_no_query_reads_are_harmless(partition_size):
     assert relative_error(out, expected) < 1e-4
 
 
-def test_write_to_pages_never_writes_past_the_pool():
+def test_write_to_pages_never_writes_past_the_pool(device):
     """The pages are the first 4 blocks of an 8-block buffer: a slot past them must not land
     in the other 4."""
-    buffers = [torch.full((8, 4, 2, 16), NAN) for _ in range(2)]
+    buffers = [torch.full((8, 4, 2, 16), NAN, device=device) for _ in range(2)]
     k_pages, v_pages = (b[:4] for b in buffers)
-    key = torch.randn(1, 2, 2, 16)
-    slots = torch.tensor([[3, 4 * 4 + 1]])  # 4 blocks of 4 slots: the second is past the pool
+    key = torch.randn(1, 2, 2, 16, device=device)
+    slots = torch.tensor([[3, 4 * 4 + 1]], device=device)  # 4 blocks of 4 slots: the second is past
     with pytest.raises(ValueError, match=r"slot_mapping\[0, 1\] = 17"):
-        write_to_pages(key, key, k_pages, v_pages, slots)
+        write_to_pages(key, key, k_pages, v_pages, slots, validate=True)
     write_to_pages(key, key, k_pages, v_pages, slots, validate=False)
     assert torch.equal(k_pages[0, 3], key[0, :, 0])
     assert all(b[4:].isnan().all() for b in buffers)
@@ -167,21 +171,21 @@ def check_nan_keys_contribute_nothing(q, k, v, hidden, **options):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_padded_keys_with_nan_contribute_nothing(causal):
-    q, k, v = make_inputs(2, 4, 2, 40, 40, 16, torch.float32, "cpu")
-    mask = torch.ones(2, 40, dtype=torch.bool)
+def test_padded_keys_with_nan_contribute_nothing(causal, device):
+    q, k, v = make_inputs(2, 4, 2, 40, 40, 16, torch.float32, device)
+    mask = torch.ones(2, 40, dtype=torch.bool, device=device)
     mask[0, :5] = False  # left padding
     mask[1, 3:36:4] = False  # holes, in every key block
     check_nan_keys_contribute_nothing(q, k, v, ~mask, causal=causal, key_padding_mask=mask)
 
 
 @pytest.mark.parametrize("window", [8, (8, 2)], ids=["causal", "both-ways"])
-def test_keys_before_every_window_with_nan_contribute_nothing(window):
+def test_keys_before_every_window_with_nan_contribute_nothing(window, device):
     """A stale cache: queries at 48..59 never see keys before 41 (window 8) or 40 (left reach
     8); those hold NaN, some in the same key block as keys the queries do see."""
-    q, k, v = make_inputs(1, 4, 2, 12, 60, 16, torch.float32, "cpu")
+    q, k, v = make_inputs(1, 4, 2, 12, 60, 16, torch.float32, device)
     first_seen = 48 - (window - 1 if isinstance(window, int) else window[0])
-    hidden = torch.zeros(1, 60, dtype=torch.bool)
+    hidden = torch.zeros(1, 60, dtype=torch.bool, device=device)
     hidden[0, 20:first_seen] = True
     check_nan_keys_contribute_nothing(q, k, v, hidden, window=window)
 
