@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 from transformers import PreTrainedModel
 
+from .cache.graphs import install_graphed_decode
 from .models import ATTN_IMPLEMENTATION, FAMILIES, Family, register
 
 __all__ = ["patch_model", "unpatch_model", "patched", "is_patched", "UnsupportedModelError"]
@@ -39,18 +40,24 @@ class UnsupportedModelError(ValueError):
     """The model has attention that hf_attn_patch cannot run; nothing was changed."""
 
 
-def patch_model(model: torch.nn.Module, **options) -> torch.nn.Module:
+def patch_model(model: torch.nn.Module, *, cuda_graphs: bool = False) -> torch.nn.Module:
     """Run the attention of `model` (Llama, Mistral, Falcon, BERT) on our kernels, in place.
 
-    Returns the model. Patching a patched model does nothing. Raises UnsupportedModelError, with
-    the model untouched, if any attention module in it belongs to no supported family or has a
-    shape the kernels do not support.
+    cuda_graphs: decode steps of `generate` over a `PagedKVCache` replay a CUDA graph captured
+    on the first step of each batch size (hf_attn_patch/cache/graphs.py); every other call runs
+    as without it. Off by default: a graph holds memory, and its first step pays the capture.
+
+    Returns the model. Patching a patched model does nothing (beyond switching cuda_graphs on
+    when asked). Raises UnsupportedModelError, with the model untouched, if any attention module
+    in it belongs to no supported family or has a shape the kernels do not support.
     """
-    if options:
-        raise TypeError(f"patch_model() got unknown options {sorted(options)}; it accepts none yet")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"patch_model() takes a torch.nn.Module, got {type(model).__name__}")
-    if _record_of(model) is not None:
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"patch_model(cuda_graphs=...) takes True or False, got {cuda_graphs!r}")
+    if (record := _record_of(model)) is not None:
+        if cuda_graphs:
+            record.undos.append(install_graphed_decode(model))
         return model
 
     targets, configs = _plan(model)
@@ -67,6 +74,8 @@ def patch_model(model: torch.nn.Module, **options) -> torch.nn.Module:
                 record.undos.append(family.patch_module(module))
             setattr(module, _PATCHED, True)
             record.modules.append(module)
+        if cuda_graphs:
+            record.undos.append(install_graphed_decode(model))
     except BaseException:
         _restore(record)
         raise
@@ -92,13 +101,13 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, **options) -> Iterator[torch.nn.Module]:
+def patched(model: torch.nn.Module, *, cuda_graphs: bool = False) -> Iterator[torch.nn.Module]:
     """`with patched(model): ...` runs the block patched and restores the model after it.
 
     A model that was patched before the block stays patched after it.
     """
     already = is_patched(model)
-    patch_model(model, **options)
+    patch_model(model, cuda_graphs=cuda_graphs)
     try:
         yield model
     finally:

@@ -121,8 +121,10 @@ def test_unsupported_head_dim_is_refused_with_the_supported_ones():
 
 
 def test_bad_arguments_are_type_errors():
-    with pytest.raises(TypeError, match="unknown options"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'fused'"):
         patch_model(llama(), fused=True)
+    with pytest.raises(TypeError, match="True or False"):
+        patch_model(llama(), cuda_graphs="yes")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         patch_model("meta-llama/Llama-3.2-1B")
 

@@ -26,6 +26,7 @@ the advice to reset().
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import weakref
@@ -157,11 +158,16 @@ class PagedKVCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Prompt: keep K/V for the hook, return them. Decode: write the token, return it.
 
-        Extra arguments are what transformers passes along (`cache_kwargs` up to 5.23, the
-        model's `kwargs=` from 5.24); only the positions they may hold are read, at a prompt.
+        Extra arguments are what transformers passes along (the model's `kwargs=` in 5.24,
+        nothing in 5.17); only the positions they may hold are read, at a prompt.
         Every check that can fail runs before this step changes anything.
         """
         layer = self._layer(layer_idx)
+        if self._graph_mode:  # a graphed decode step: begin_graph_step did the bookkeeping and checks
+            write_to_pages(key_states, value_states, self.k_pages[layer_idx], self.v_pages[layer_idx],
+                           self._step_slots)
+            self._unread[layer_idx] = key_states
+            return key_states, value_states
         self._check_kv(key_states, layer_idx)
         tokens = key_states.shape[2]
         if layer_idx == 0:
@@ -280,13 +286,43 @@ class PagedKVCache(Cache):
             query[:, :, 0],
             self.k_pages[layer_idx],
             self.v_pages[layer_idx],
-            self.block_table[:batch, : self._table_columns],
+            # Graphed steps read the full width: the grid must not change from step to step.
+            self.block_table[:batch] if self._graph_mode else self.block_table[:batch, : self._table_columns],
             self.seq_lens[:batch],
             window=window,
             alibi_slopes=alibi_slopes,
             scale=scale,
         )
         return out[:, :, None]
+
+    # --- graphed decode steps (cache/graphs.py) ------------------------------------------------
+
+    def holds_prompt(self) -> bool:
+        """A prompt is stored and the last step finished: the next step can be a graphed decode."""
+        return (self.layers[0].seen > 0 and bool(self._active) and not self._pending_prompt
+                and not self._unread and len({layer.seen for layer in self.layers}) == 1)
+
+    def begin_graph_step(self, batch: int) -> None:
+        """The host side of one decode step, before its graph replays: take the blocks, push the
+        block-table edits, lengths and slots into the device tensors the graph reads (in place,
+        no sync). Raises CacheFullError with nothing changed when the pool is out of blocks."""
+        self._check_last_step_finished()
+        self._begin_decode_step(batch)
+
+    def end_graph_step(self) -> None:
+        """What the graphed forward would have counted on the host: one more position a layer."""
+        self._unread.clear()
+        for layer in self.layers:
+            layer.seen += 1
+
+    @contextlib.contextmanager
+    def graph_mode(self):
+        """Inside, `update` and the hook do only device work, on the step begin_graph_step set up."""
+        self._graph_mode = True
+        try:
+            yield
+        finally:
+            self._graph_mode = False
 
     # --- checks ----------------------------------------------------------------------------------
 
@@ -383,6 +419,7 @@ class PagedKVCache(Cache):
         self._step_slots: torch.Tensor | None = None
         self._table_columns = 1
         self._prompt_positions: torch.Tensor | None = None
+        self._graph_mode = False
 
     def _store_prompt(self, layer_idx, attention_mask, window, config):
         key, value = self._pending_prompt.pop(layer_idx)
@@ -441,7 +478,10 @@ class PagedKVCache(Cache):
         for row, plan in plans.items():
             slots[row] = plan.slots[0]
         self._push_to_device(plans, batch)
-        self._step_slots = torch.tensor(slots, dtype=torch.int64).view(batch, 1).to(self.k_pages.device)
+        # Into the same buffer every step: a captured graph reads the slots from there.
+        self._step_slots = self._decode_slots[:batch]
+        self._step_slots.copy_(_host_to_device(slots, torch.int64, self.k_pages.device).view(batch, 1),
+                               non_blocking=True)
 
     def _allocate_rows(self, rows):
         # Allocated once: the tables keep their addresses for the cache's life (CUDA graphs rely on it).
@@ -450,15 +490,16 @@ class PagedKVCache(Cache):
         device = self.k_pages.device
         self.block_table = torch.full((rows, width), EVICTED, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=device)
+        self._decode_slots = torch.full((rows, 1), EVICTED, dtype=torch.int64, device=device)
 
     def _push_to_device(self, plans, batch):
         """Apply the step's block-table edits and lengths to the device copies (no sync)."""
         edits = [(row, i, b) for row, plan in plans.items() for i, b in plan.table_updates]
         if edits:
-            rows, cols, blocks = torch.tensor(edits, dtype=torch.int64).to(self.block_table.device).unbind(1)
+            rows, cols, blocks = _host_to_device(edits, torch.int64, self.block_table.device).unbind(1)
             self.block_table[rows, cols] = blocks.to(torch.int32)
         lengths = [self.allocator.length(row) if self._active[row] else 0 for row in range(batch)]
-        self.seq_lens[:batch] = torch.tensor(lengths, dtype=torch.int32).to(self.seq_lens.device)
+        self.seq_lens[:batch].copy_(_host_to_device(lengths, torch.int32, self.seq_lens.device), non_blocking=True)
         self._table_columns = max(1, math.ceil(max(lengths, default=0) / self.block_size))
 
 
@@ -602,9 +643,20 @@ def _pool_dtype_and_device(model, dtype, device) -> tuple[torch.dtype, torch.dev
     return dtype, device
 
 
+def _host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a host-device sync: a plain `.to("cuda")` from
+    pageable memory waits for the copy; from pinned memory it is queued like a kernel (torch's
+    pinned-memory allocator keeps the buffer until the copy has run)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _step_positions(args, kwargs) -> torch.Tensor | None:
-    """The step's token positions where transformers hands them to `update`: `cache_kwargs`'s
-    "cache_position" (up to 5.23) or the model's `kwargs=`'s "position_ids" (5.24); else None."""
+    """The step's token positions where transformers hands them to `update`, else None: 5.24
+    passes the model's `kwargs=` with "position_ids"; 5.17 passes nothing; older releases a
+    `cache_kwargs` dict with "cache_position"."""
     for extra in (*args, *kwargs.values()):
         if isinstance(extra, dict):
             for name in ("cache_position", "position_ids"):
