@@ -167,11 +167,17 @@ def test_continuing_a_generation_with_its_own_output_still_works(device):
     assert torch.equal(got, expected)
 
 
-def test_reset_inside_a_running_generate_is_refused(device):
-    """A reset from a stopping criterion would turn the next step into a one-token prompt."""
+def test_reset_inside_a_running_generate_is_refused(device, monkeypatch):
+    """A reset from a stopping criterion would turn the next step into a one-token prompt. The
+    cache tells by the step's positions, where transformers hands them to `update` (5.24 does;
+    5.17 passes none, and there the test is skipped)."""
     model = tiny_llama().to(device)
     ids, mask = left_padded_prompts([6, 4], width=6)
     cache = PagedKVCache(model, num_blocks=8, block_size=4)
+    passed = []
+    find_positions = paged_module._step_positions
+    monkeypatch.setattr(paged_module, "_step_positions",
+                        lambda args, kwargs: passed.append(find_positions(args, kwargs)) or passed[-1])
 
     class ResetAfterTwoSteps:
         steps = 0
@@ -182,10 +188,16 @@ def test_reset_inside_a_running_generate_is_refused(device):
                 cache.reset()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    with patched(model), pytest.raises(RuntimeError, match=r"reset.*while a generation was running"):
-        generate(model, ids, mask, 5, past_key_values=cache, eos_token_id=None,
-                 stopping_criteria=[ResetAfterTwoSteps()])
-    assert cache.stats()["blocks_used"] == 0 and [layer.seen for layer in cache.layers] == [0, 0]
+    try:
+        with patched(model):
+            generate(model, ids, mask, 5, past_key_values=cache, eos_token_id=None,
+                     stopping_criteria=[ResetAfterTwoSteps()])
+    except RuntimeError as error:
+        assert "while a generation was running" in str(error) and "reset()" in str(error)
+        assert cache.stats()["blocks_used"] == 0 and [layer.seen for layer in cache.layers] == [0, 0]
+    else:
+        assert all(p is None for p in passed), "positions were passed, yet the reset went unnoticed"
+        pytest.skip("this transformers passes no positions to Cache.update: a reset inside generate is not seen")
 
 
 # --- batch, rows, dtype, another model ------------------------------------------------------------
