@@ -404,7 +404,9 @@ def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, MASKED:
     block, only keys that some query of the tile (positions first_pos..last_pos) can see: a
     key none of them sees must not reach the dots even as p = 0 times its value."""
     if not MASKED:
-        return d_ok[None, :]
+        # The same shape as the masked branch: compiled Triton (3.6) refuses a function whose
+        # returns differ in shape, even across a constexpr branch (the interpreter accepts it).
+        return tl.broadcast_to(d_ok[None, :], (offs_n.shape[0], d_ok.shape[0]))
     seen = offs_n < k_len
     if HAS_LEFT:
         seen = seen & (offs_n >= first_pos - left)
