@@ -60,6 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     convert.set_defaults(run=_run_convert)
 
+    kv_size = commands.add_parser(
+        "kv-size",
+        help="KV-cache bytes, what fits beside the weights and the decode-step bound, as is and as GQA/MQA",
+    )
+    kv_size.add_argument(
+        "model",
+        metavar="MODEL_DIR_OR_CONFIG",
+        help="checkpoint folder with config.json (safetensors optional; only their headers are read), or a config file",
+    )
+    kv_size.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    kv_size.add_argument(
+        "--seq", type=int, help="tokens per sequence (default: the config's max_position_embeddings, capped; the output says at what)"
+    )
+    kv_size.add_argument("--dtype", help="bf16, fp16 or fp32, for weights and K/V (default: the config's torch_dtype, else bf16)")
+    kv_size.add_argument(
+        "--gpu-memory", type=float, metavar="GiB", help="GPU memory (default: the local GPU's, else 80 as on an H100)"
+    )
+    kv_size.add_argument(
+        "--bandwidth", type=float, metavar="TB/s",
+        help="peak memory bandwidth (default: the local GPU's data sheet figure, else 3.35 as on an H100 SXM)",
+    )
+    kv_size.set_defaults(run=_run_kv_size)
+
     info = commands.add_parser("info", help="versions, GPU and supported range: paste this into a bug report")
     info.set_defaults(run=_run_info)
 
@@ -134,6 +157,61 @@ def _run_convert(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
     )
     print(report.summary())
+    return 0
+
+
+def _run_kv_size(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from .kv_size import format_bytes, kv_size_report
+
+    report = kv_size_report(
+        args.model,
+        batch=args.batch,
+        seq=args.seq,
+        dtype=args.dtype,
+        gpu_memory_gib=args.gpu_memory,
+        bandwidth_tb_s=args.bandwidth,
+    )
+    shape, batch_seq = report.shape, f"{report.batch} x {report.seq:,}"
+    title = (
+        f"{report.name}: {report.model_type}, {shape.num_layers} layers, {report.num_query_heads} query "
+        f"heads of dim {shape.head_dim}, {shape.num_kv_heads} KV heads"
+    )
+    if shape.sliding_window is not None:
+        title += f", sliding window {shape.sliding_window:,}"
+    table = Table(title=Text(title), title_justify="left")  # Text: a folder name is not markup
+    table.add_column("KV heads")
+    table.add_column("K/V per token", justify="right")
+    if report.encoder:
+        table.add_column(f"K/V of {batch_seq}", justify="right")
+    else:
+        kept = f" ({report.tokens_held:,} kept)" if report.tokens_held < report.seq else ""
+        table.add_column(f"K/V cache, {batch_seq}{kept}", justify="right")
+    table.add_column("weights", justify="right")
+    if not report.encoder:
+        for header in ("K/V tokens that fit", f"batch at {report.seq:,}", f"seq at batch {report.batch}",
+                       "decode step >=", "tokens/s <="):
+            table.add_column(header, justify="right")
+    for v in report.variants:
+        row = [f"{v.kv_heads} ({v.label})", format_bytes(v.kv_bytes_per_token), format_bytes(v.kv_bytes),
+               format_bytes(v.weight_bytes)]
+        if not report.encoder:
+            if not v.fits:
+                row[2] = f"[red]{row[2]} (too big)[/red]"
+            row += [f"{v.max_tokens:,}", f"{v.max_batch:,}", "any" if v.max_seq is None else f"{v.max_seq:,}",
+                    f"{v.decode_step_s * 1e3:,.2f} ms", f"{v.tokens_per_s:,.0f}"]
+        table.add_row(*row)
+
+    # Captured output (a pipe, a log) is not a terminal: rich would wrap the table at 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    for note in report.notes:
+        console.print(f"- {note}", markup=False, highlight=False)
+    if any(v.fits is False for v in report.variants):
+        console.print("- too big: the weights and the K/V of batch x seq exceed the GPU memory", highlight=False)
     return 0
 
 
