@@ -30,11 +30,16 @@ __all__ = [
     "continuous_batching_prefixes_paged",
     "continuous_batching_kv",
     "is_continuous_batching_call",
+    "cache_update_positions",
 ]
 
 
+def installed_transformers() -> str:
+    return transformers.__version__
+
+
 def transformers_in_tested_range(version: str | None = None) -> bool:
-    installed = Version(version or transformers.__version__)
+    installed = Version(version or installed_transformers())
     return installed.base_version in SpecifierSet(TESTED_TRANSFORMERS)
 
 
@@ -45,7 +50,7 @@ def warn_if_untested_transformers() -> None:
         return
     warnings.warn(
         f"hf_attn_patch is tested with transformers {TESTED_TRANSFORMERS}; this is "
-        f"{transformers.__version__}. Patching anyway: compare outputs with the unpatched model, and "
+        f"{installed_transformers()}. Patching anyway: compare outputs with the unpatched model, and "
         "report what breaks (`hf-attn-patch info` prints what a bug report needs).",
         stacklevel=3,
     )
@@ -113,3 +118,18 @@ def _for_layer(value, layer_type):
 @functools.cache
 def _update_takes_kwargs(cache_type) -> bool:
     return "kwargs" in inspect.signature(cache_type.update).parameters
+
+
+# --- Cache.update -------------------------------------------------------------------------------
+
+
+def cache_update_positions(args, kwargs) -> torch.Tensor | None:
+    """The step's token positions where transformers hands them to `Cache.update`, else None:
+    5.24 passes the model's `kwargs=` with "position_ids"; 5.17 passes nothing; releases before
+    the tested range passed a `cache_kwargs` dict with "cache_position"."""
+    for extra in (*args, *kwargs.values()):
+        if isinstance(extra, dict):
+            for name in ("cache_position", "position_ids"):
+                if isinstance(extra.get(name), torch.Tensor):
+                    return extra[name]
+    return None

@@ -113,3 +113,22 @@ def test_other_calls_take_the_eager_forward(device):
         generate(model, ids, mask, 3, eos_token_id=None)  # DynamicCache
     assert eager.call_count == 3
     unpatch_model(model)
+
+
+@pytest.mark.parametrize("copy_kind", ["deepcopy", "pickle"])
+def test_copies_of_a_graphed_model_graph_on_their_own(copy_kind, device):
+    import copy
+    import pickle
+
+    model = patch_model(tiny_llama().to(device), cuda_graphs=True)
+    ids, mask = left_padded_prompts([5, 3], width=5, seed=11)
+    expected = generate(model, ids, mask, 4, eos_token_id=None,
+                        past_key_values=PagedKVCache(model, max_batch_size=2, num_blocks=16, block_size=4))
+    twin = copy.deepcopy(model) if copy_kind == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert graphed(twin).model is twin and graphed(twin) is not graphed(model)
+    cache = PagedKVCache(twin, max_batch_size=2, num_blocks=16, block_size=4)
+    assert torch.equal(generate(twin, ids, mask, 4, eos_token_id=None, past_key_values=cache), expected)
+    unpatch_model(twin)
+    assert "forward" not in twin.__dict__
+    assert isinstance(model.forward, GraphedDecodeForward)  # the original keeps its own
+    unpatch_model(model)

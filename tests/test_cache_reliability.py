@@ -175,8 +175,8 @@ def test_reset_inside_a_running_generate_is_refused(device, monkeypatch):
     ids, mask = left_padded_prompts([6, 4], width=6)
     cache = PagedKVCache(model, num_blocks=8, block_size=4)
     passed = []
-    find_positions = paged_module._step_positions
-    monkeypatch.setattr(paged_module, "_step_positions",
+    find_positions = paged_module.cache_update_positions
+    monkeypatch.setattr(paged_module, "cache_update_positions",
                         lambda args, kwargs: passed.append(find_positions(args, kwargs)) or passed[-1])
 
     class ResetAfterTwoSteps:

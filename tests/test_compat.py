@@ -12,13 +12,14 @@ import re
 import tomllib
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import transformers
 from transformers import StaticCache
 
-from hf_attn_patch import _compat, patch_model, unpatch_model
+from hf_attn_patch import _compat, is_patched, patch_model, unpatch_model
 from hf_attn_patch.models import ATTN_IMPLEMENTATION
 
 from .helpers import relative_error
@@ -43,17 +44,24 @@ def test_tested_range_bounds(version, inside):
     assert _compat.transformers_in_tested_range(version) is inside
 
 
-def test_patch_model_warns_once_outside_the_tested_range(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "5.99.0")
+def test_warns_once_outside_the_tested_range(monkeypatch):
+    monkeypatch.setattr(_compat, "installed_transformers", lambda: "5.99.0")
     _compat.warn_if_untested_transformers.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=re.escape(_compat.TESTED_TRANSFORMERS)):
-            patch_model(llama())
+        with pytest.warns(UserWarning, match=re.escape(_compat.TESTED_TRANSFORMERS) + ".*5.99.0"):
+            _compat.warn_if_untested_transformers()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            patch_model(llama())  # once per process, and it still patches
+            _compat.warn_if_untested_transformers()  # once per process
     finally:
         _compat.warn_if_untested_transformers.cache_clear()
+
+
+def test_patch_model_checks_the_version_and_still_patches():
+    with mock.patch("hf_attn_patch.models.warn_if_untested_transformers") as check:
+        model = patch_model(llama())
+    check.assert_called()
+    assert is_patched(model)
 
 
 def test_no_warning_inside_the_tested_range():
@@ -64,16 +72,16 @@ def test_no_warning_inside_the_tested_range():
 
 
 @pytest.mark.parametrize("build", [falcon_7b, falcon_40b, falcon_rw], ids=["falcon-7b", "falcon-40b", "falcon-rw"])
-def test_falcon_builds_from_a_patched_config(build):
+def test_falcon_builds_from_a_patched_config(build, device):
     """FalconDecoderLayer looks its attention class up by config._attn_implementation."""
     torch.manual_seed(0)
-    model = patch_model(build().eval())
-    ids = torch.randint(1, 128, (2, 7))
+    model = patch_model(build().eval().to(device))
+    ids = torch.randint(1, 128, (2, 7), device=device)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     for config in (model.config, copy.deepcopy(model.config)):
         assert config._attn_implementation == ATTN_IMPLEMENTATION
-        twin = type(model)(config).eval()
+        twin = type(model)(config).eval().to(device)
         twin.load_state_dict(model.state_dict())
         with torch.no_grad():
             got, expected = twin(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
@@ -85,7 +93,7 @@ def test_falcon_builds_from_a_patched_config(build):
 
 @pytest.mark.parametrize("build", [llama, mistral, falcon_7b, falcon_40b, falcon_rw],
                          ids=["llama", "mistral", "falcon-7b", "falcon-40b", "falcon-rw"])
-def test_static_cache_attention_weights_span_the_whole_cache(build):
+def test_static_cache_attention_weights_span_the_whole_cache(build, device):
     """Stock returns prefill weights over every static-cache slot, zeros where unwritten.
 
     Stock eager Falcon cannot be the reference here (in transformers 5.x its eager weights ignore
@@ -96,9 +104,9 @@ def test_static_cache_attention_weights_span_the_whole_cache(build):
     longer than the window, which a longer prompt does not fill: there the weights stay 7 wide.
     """
     torch.manual_seed(0)
-    model = build().eval()
+    model = build().eval().to(device)
     model.set_attn_implementation("eager")  # stock sdpa returns no weights
-    ids = torch.randint(1, 128, (2, 7))
+    ids = torch.randint(1, 128, (2, 7), device=device)
 
     def prefill_weights(cache_len):
         cache = StaticCache(config=model.config, max_cache_len=cache_len) if cache_len else None

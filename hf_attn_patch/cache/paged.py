@@ -37,6 +37,7 @@ import torch
 from transformers import StoppingCriteria
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .._compat import cache_update_positions
 from ..kernels import paged_attention, write_to_pages
 from ..kernels._checks import SUPPORTED_DTYPES
 from .allocator import EVICTED, BlockAllocator, checked_int
@@ -175,7 +176,7 @@ class PagedKVCache(Cache):
         if layer.seen == 0:
             if layer_idx == 0:
                 self._check_prompt_batch(key_states.shape[0])
-                self._prompt_positions = _step_positions(args, kwargs)
+                self._prompt_positions = cache_update_positions(args, kwargs)
             self._pending_prompt[layer_idx] = (key_states, value_states)
             layer.seen += tokens
             return key_states, value_states
@@ -651,15 +652,3 @@ def _host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> t
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
-
-
-def _step_positions(args, kwargs) -> torch.Tensor | None:
-    """The step's token positions where transformers hands them to `update`, else None: 5.24
-    passes the model's `kwargs=` with "position_ids"; 5.17 passes nothing; older releases a
-    `cache_kwargs` dict with "cache_position"."""
-    for extra in (*args, *kwargs.values()):
-        if isinstance(extra, dict):
-            for name in ("cache_position", "position_ids"):
-                if isinstance(extra.get(name), torch.Tensor):
-                    return extra[name]
-    return None
