@@ -31,6 +31,7 @@ __all__ = [
     "continuous_batching_kv",
     "is_continuous_batching_call",
     "cache_update_positions",
+    "cache_keyword",
 ]
 
 
@@ -133,3 +134,9 @@ def cache_update_positions(args, kwargs) -> torch.Tensor | None:
                 if isinstance(extra.get(name), torch.Tensor):
                     return extra[name]
     return None
+
+
+def cache_keyword(kwargs: dict) -> str:
+    """The name a model's forward was given its cache under: 5.24 renamed `past_key_values` to
+    `cache` (the old name still works there, with a deprecation warning); pass on the same one."""
+    return "cache" if "cache" in kwargs else "past_key_values"

@@ -30,6 +30,7 @@ import weakref
 
 import torch
 
+from .._compat import cache_keyword
 from .paged import PagedKVCache
 
 __all__ = ["GraphedDecodeForward", "install_graphed_decode"]
@@ -75,7 +76,7 @@ class GraphedDecodeForward:
         try:
             graph = graphs.get(batch)
             if graph is None:
-                graph = graphs[batch] = _DecodeGraph(self.eager, cache, batch, _cache_keyword(kwargs))
+                graph = graphs[batch] = _DecodeGraph(self.eager, cache, batch, cache_keyword(kwargs))
             logits = graph.run(kwargs["input_ids"], kwargs.get("position_ids"), cache.get_seq_length())
         finally:
             cache.end_graph_step()
@@ -109,12 +110,6 @@ class _RestoreForward:
 class _Nothing:
     def __call__(self) -> None:
         pass
-
-
-def _cache_keyword(kwargs) -> str:
-    # transformers 5.24 renamed the models' `past_key_values` argument to `cache` (the old name
-    # still works there, with a deprecation warning): pass it on under the name we were given.
-    return "cache" if "cache" in kwargs else "past_key_values"
 
 
 _PASSED_THROUGH = {"input_ids", "cache", "past_key_values", "attention_mask", "use_cache", "return_dict",
