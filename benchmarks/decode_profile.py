@@ -45,11 +45,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--interleaved-only", action="store_true", help="skip the profiles")
+    parser.add_argument("--pieces-only", action="store_true", help="only the per-call host cost of each piece")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     model = build("llama", FULL.llama, device, torch.bfloat16)
     inputs = random_prompts(1, args.prompt, model.config.vocab_size, device)
     report = {"environment": environment(), "prompt_len": args.prompt, "steps": args.steps, "providers": {}}
+    if args.pieces_only:
+        report["pieces_us_per_call"] = pieces(model, device)
+        print(json.dumps(report["pieces_us_per_call"], indent=1))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+        return 0
     # Hosts differ a lot and drift within a run: alternate the providers, round after round.
     report["interleaved"] = interleaved(model, inputs, rounds=args.rounds, steps=8)
     print(json.dumps(report["interleaved"]["summary"], indent=1), flush=True)
@@ -236,6 +244,7 @@ def pieces(model, device) -> dict:
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     from hf_attn_patch.kernels import _flash_triton, flash_attention
+    from hf_attn_patch.kernels._launch import tritons_own_launch
     from hf_attn_patch.models import register
     from hf_attn_patch.models._interface import attention_forward, key_padding_mask
 
@@ -278,6 +287,10 @@ def pieces(model, device) -> dict:
         rows["ours: flash_attention"] = per_call(lambda: flash_attention(q, k, v, causal=True, scale=0.125))
         args = (q, k, v, None, None, -1, 0, 0.125)
         rows["ours: Triton launch (_flash_triton.forward)"] = per_call(lambda: _flash_triton.forward(*args))
+        with tritons_own_launch():
+            rows["ours: attention entry, Triton's own launch"] = per_call(
+                lambda: attention_forward(module, q, k, v, None, scaling=0.125))
+            rows["ours: Triton launch, Triton's own path"] = per_call(lambda: _flash_triton.forward(*args))
         rows["floor: torch.empty x2"] = per_call(lambda: (torch.empty_like(q), torch.empty(1, 32, 1, device=device)))
     return rows
 
