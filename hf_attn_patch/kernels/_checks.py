@@ -53,6 +53,7 @@ def check_attention_inputs(
     *,
     key_padding_mask: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None,
+    doc_ids: torch.Tensor | None = None,
 ) -> None:
     """Shapes, dtypes and devices for `flash_attention` (q: B,Hq,Nq,D; k, v: B,Hkv,Nk,D)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -97,6 +98,19 @@ def check_attention_inputs(
         if not alibi_slopes.is_floating_point():
             raise ValueError(f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
         extra.append(alibi_slopes)
+    if doc_ids is not None:
+        if q_len != k_len:
+            raise ValueError(
+                f"doc_ids (packed documents) need as many queries as keys, got {q_len} and {k_len}; "
+                "packed sequences are for training and prefill without a cache"
+            )
+        if tuple(doc_ids.shape) != (batch, k_len):
+            raise ValueError(
+                f"doc_ids must have shape (batch, seq_len) = {(batch, k_len)}, got {tuple(doc_ids.shape)}"
+            )
+        if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be integer document ids, got {doc_ids.dtype}")
+        extra.append(doc_ids)
     check_device(q, k, v, *extra)
 
 

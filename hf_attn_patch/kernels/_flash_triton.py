@@ -42,12 +42,13 @@ def empty_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((batch, length, heads, head_dim)).transpose(1, 2)
 
 
-def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale):
+def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids=None):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     out = empty_output(q)
     lse = torch.empty((batch, q_heads, q_len), device=q.device, dtype=torch.float32)
     bounds = _padding_bounds(key_padding_mask)
+    docs = document_bounds(doc_ids)
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
 
     def grid(meta):
@@ -56,24 +57,26 @@ def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale):
     with _on_device(q):
         _launch_tuned(
             _fwd_kernel, grid,
-            (q, k, v, out, lse, key_padding_mask, bounds, alibi_slopes,
+            (q, k, v, out, lse, key_padding_mask, bounds, alibi_slopes, docs,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
              q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, left, right,
              _bucket(q_len), _bucket(k_len)),
-            _static_args(q, key_padding_mask, alibi_slopes, left, right),
+            _static_args(q, key_padding_mask, alibi_slopes, left, right, docs),
             _tuning_dtypes(q, key_padding_mask, alibi_slopes),
         )
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale):
+def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale,
+             doc_ids=None):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     bounds = _padding_bounds(key_padding_mask)
+    docs = document_bounds(doc_ids)
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    static = _static_args(q, key_padding_mask, alibi_slopes, left, right)
+    static = _static_args(q, key_padding_mask, alibi_slopes, left, right, docs)
     dtypes = _tuning_dtypes(q, key_padding_mask, alibi_slopes)
 
     with _on_device(q):
@@ -83,7 +86,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
         )
         _launch_tuned(
             _bwd_dkdv_kernel, lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads),
-            (q, k, v, grad_out, dk, dv, lse, delta, key_padding_mask, bounds, alibi_slopes,
+            (q, k, v, grad_out, dk, dv, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
              *mask_strides,
              q_len, k_len, q_heads, kv_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right,
@@ -92,7 +95,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
         )
         _launch_tuned(
             _bwd_dq_kernel, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads),
-            (q, k, v, grad_out, dq, lse, delta, key_padding_mask, bounds, alibi_slopes,
+            (q, k, v, grad_out, dq, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
              *mask_strides,
              q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right,
@@ -135,7 +138,7 @@ def _tuning_dtypes(q, key_padding_mask, alibi_slopes) -> tuple:
     )
 
 
-def _static_args(q, key_padding_mask, alibi_slopes, left, right) -> dict:
+def _static_args(q, key_padding_mask, alibi_slopes, left, right, docs=None) -> dict:
     """Compile-time switches: each combination is its own specialised kernel."""
     return dict(
         HEAD_DIM=q.shape[-1],
@@ -144,6 +147,7 @@ def _static_args(q, key_padding_mask, alibi_slopes, left, right) -> dict:
         HAS_RIGHT=right >= 0,
         HAS_PADDING=key_padding_mask is not None,
         HAS_ALIBI=alibi_slopes is not None,
+        HAS_DOCS=docs is not None,
         # float32 inputs get true float32 dot products, not tf32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -160,6 +164,23 @@ def _padding_bounds(key_padding_mask):
             key_padding_mask, bounds, *key_padding_mask.stride(), k_len, BLOCK=1024
         )
     return bounds
+
+
+def document_bounds(doc_ids):
+    """(B, N, 2) int32: per position, the first position of its document and one past the
+    last (a document is a run of equal ids). Torch ops on the device, no host sync. The kernels
+    read these at a tile's first and last rows to bound its key range, and per row to mask."""
+    if doc_ids is None:
+        return None
+    batch, length = doc_ids.shape
+    index = torch.arange(length, device=doc_ids.device).expand(batch, length)
+    starts_run = torch.ones_like(index, dtype=torch.bool)
+    starts_run[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    ends_run = torch.ones_like(starts_run)
+    ends_run[:, :-1] = starts_run[:, 1:]
+    first = torch.where(starts_run, index, 0).cummax(-1).values
+    end = torch.where(ends_run, index + 1, length).flip(-1).cummin(-1).values.flip(-1)
+    return torch.stack((first, end), dim=-1).to(torch.int32).contiguous()
 
 
 def _bucket(n: int) -> int:
@@ -315,7 +336,7 @@ _FWD_CONFIGS = _configs(_FWD_BLOCKS)
 _DKDV_CONFIGS = _configs(_DKDV_BLOCKS)
 _DQ_CONFIGS = _configs(_DQ_BLOCKS)
 _TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_PADDING",
-               "HAS_ALIBI", "DOT_PRECISION"]
+               "HAS_ALIBI", "HAS_DOCS", "DOT_PRECISION"]
 _FWD_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_fwd_tiles)}
 _DKDV_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_dkdv_tiles)}
 _DQ_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_dq_tiles)}
@@ -357,9 +378,9 @@ def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_ranges(first_pos, last_pos, k_len, left, right, Bounds, b,
+def _key_ranges(first_pos, last_pos, k_len, left, right, Bounds, b, docs,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks seen by queries at positions [first_pos, last_pos] (see _block_ranges)."""
     lo = first_pos * 0
     hi = lo + k_len
@@ -368,6 +389,12 @@ def _key_ranges(first_pos, last_pos, k_len, left, right, Bounds, b,
         hi = tl.load(Bounds + 2 * b + 1)
     full_lo = lo
     full_hi = hi
+    if HAS_DOCS:
+        # From the first row's document to the last row's; seen whole only inside one document.
+        lo = tl.maximum(lo, tl.load(docs + 2 * first_pos))
+        hi = tl.minimum(hi, tl.load(docs + 2 * last_pos + 1))
+        full_lo = tl.maximum(full_lo, tl.load(docs + 2 * last_pos))
+        full_hi = tl.minimum(full_hi, tl.load(docs + 2 * first_pos + 1))
     if HAS_LEFT:
         lo = tl.maximum(lo, first_pos - left)
         full_lo = tl.maximum(full_lo, last_pos - left)
@@ -398,8 +425,9 @@ def _visible(pos, offs_n, k_len, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT:
 
 
 @triton.jit
-def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, MASKED: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, docs,
+                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  HAS_DOCS: tl.constexpr):
     """Which K/V elements of a key block to load; the others read as zeros. In a boundary
     block, only keys that some query of the tile (positions first_pos..last_pos) can see: a
     key none of them sees must not reach the dots even as p = 0 times its value."""
@@ -412,7 +440,20 @@ def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, MASKED:
         seen = seen & (offs_n >= first_pos - left)
     if HAS_RIGHT:
         seen = seen & (offs_n <= last_pos + right)
+    if HAS_DOCS:
+        seen = seen & (offs_n >= tl.load(docs + 2 * first_pos)) & (offs_n < tl.load(docs + 2 * last_pos + 1))
     return seen[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _document_of(docs, offs, ok, HAS_DOCS: tl.constexpr):
+    """Per position in offs, the first position of its document and one past its last (docs:
+    this row's (N, 2) bounds). Without documents: offs twice, unused, of the same type."""
+    if not HAS_DOCS:
+        return offs, offs
+    first = tl.load(docs + 2 * offs, mask=ok, other=0)
+    end = tl.load(docs + 2 * offs + 1, mask=ok, other=0)
+    return first, end
 
 
 @triton.jit
@@ -435,7 +476,7 @@ def _padding_bounds_kernel(Mask, Bounds, stride_mb, stride_mn, k_len, BLOCK: tl.
 @triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_FWD_PRUNE)
 @triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Mask, Bounds, Slopes,
+    Q, K, V, Out, Lse, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -445,7 +486,7 @@ def _fwd_kernel(
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # causal: the last query blocks see the most keys; start them first
@@ -474,8 +515,13 @@ def _fwd_kernel(
 
     first_pos = pid_m * BLOCK_M + shift
     last_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
+    docs = Docs
+    if HAS_DOCS:
+        docs = Docs + b * k_len * 2
+    row_first, row_end = _document_of(docs, offs_m, row_ok, HAS_DOCS)
     start, full_start, full_end, end = _key_ranges(
-        first_pos, last_pos, k_len, left, right, Bounds, b, HAS_LEFT, HAS_RIGHT, HAS_PADDING, BLOCK_N
+        first_pos, last_pos, k_len, left, right, Bounds, b, docs,
+        HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCS, BLOCK_N
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -483,13 +529,13 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     args = (q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             Mask, b * stride_mb, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-            slope, qk_scale)
+            slope, qk_scale, docs, row_first, row_end)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, start, full_start, BLOCK_N, True,
-                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_start, full_end, BLOCK_N, False,
-                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_end, end, BLOCK_N, True,
-                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
 
     # A row that saw no key: output zeros, and lse = +inf so the backward's exp2(s - lse) is 0.
     seen = l_i > 0.0
@@ -507,15 +553,15 @@ def _fwd_kernel(
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     Mask, mask_offset, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-    slope, qk_scale,
+    slope, qk_scale, docs, row_first, row_end,
     start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right,
-                              MASKED, HAS_LEFT, HAS_RIGHT)
+        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, docs,
+                              MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCS)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
@@ -523,6 +569,9 @@ def _fwd_inner(
             s += slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
         if MASKED:
             s = tl.where(_visible(pos, offs_n, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            if HAS_DOCS:
+                same = (offs_n[None, :] >= row_first[:, None]) & (offs_n[None, :] < row_end[:, None])
+                s = tl.where(same, s, float("-inf"))
         if HAS_PADDING:
             keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
             s = tl.where(keep[None, :], s, float("-inf"))
@@ -570,7 +619,7 @@ def _bwd_delta_kernel(
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DKDV_PRUNE)
 @triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dkdv_kernel(
-    Q, K, V, dOut, dK, dV, Lse, Delta, Mask, Bounds, Slopes,
+    Q, K, V, dOut, dK, dV, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -582,7 +631,7 @@ def _bwd_dkdv_kernel(
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK and dV of one key block of one KV head, summed over every query head of its group."""
     pid_n = tl.program_id(0)
@@ -621,6 +670,14 @@ def _bwd_dkdv_kernel(
     if HAS_LEFT:
         hi = tl.minimum(hi, last_key + left + 1 - shift)
         full_hi = tl.minimum(full_hi, first_key + left + 1 - shift)
+    docs = Docs
+    if HAS_DOCS:  # queries == keys here: the mirror of _key_ranges
+        docs = Docs + b * k_len * 2
+        lo = tl.maximum(lo, tl.load(docs + 2 * first_key))
+        hi = tl.minimum(hi, tl.load(docs + 2 * last_key + 1))
+        full_lo = tl.maximum(full_lo, tl.load(docs + 2 * last_key))
+        full_hi = tl.minimum(full_hi, tl.load(docs + 2 * first_key + 1))
+    key_first, key_end = _document_of(docs, offs_n, offs_n < k_len, HAS_DOCS)
     if HAS_PADDING:
         if (last_key < tl.load(Bounds + 2 * b)) | (first_key >= tl.load(Bounds + 2 * b + 1)):
             hi = lo
@@ -637,13 +694,13 @@ def _bwd_dkdv_kernel(
         args = (k, v, Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd,
                 dOut + b * stride_db + h * stride_dh, stride_dm, stride_dd,
                 Lse + row_base, Delta + row_base, keep, offs_n, offs_d, d_ok,
-                shift, q_len, left, right, slope, qk_scale)
+                shift, q_len, left, right, slope, qk_scale, key_first, key_end)
         dk, dv = _dkdv_inner(dk, dv, *args, start, full_start, BLOCK_M, True,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, *args, full_start, full_end, BLOCK_M, False,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, *args, full_end, end, BLOCK_M, True,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(dK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
@@ -656,9 +713,10 @@ def _bwd_dkdv_kernel(
 def _dkdv_inner(
     dk, dv, k, v, q_base, stride_qm, stride_qd, do_base, stride_dm, stride_dd,
     lse_base, delta_base, keep, offs_n, offs_d, d_ok, shift, q_len, left, right, slope, qk_scale,
+    key_first, key_end,
     start, end, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate with plain dots.
     for start_m in range(start, end, BLOCK_M):
@@ -683,6 +741,8 @@ def _dkdv_inner(
                 visible = visible & (distance <= left)
             if HAS_RIGHT:
                 visible = visible & (distance >= -right)
+            if HAS_DOCS:  # query i sees key j when i lies in j's document
+                visible = visible & (offs_m[None, :] >= key_first[:, None]) & (offs_m[None, :] < key_end[:, None])
             p_t = tl.where(visible, p_t, 0.0)
         if HAS_PADDING:
             p_t = tl.where(keep[:, None], p_t, 0.0)
@@ -699,7 +759,7 @@ def _dkdv_inner(
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DQ_PRUNE)
 @triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dq_kernel(
-    Q, K, V, dOut, dQ, Lse, Delta, Mask, Bounds, Slopes,
+    Q, K, V, dOut, dQ, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -710,7 +770,7 @@ def _bwd_dq_kernel(
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one query block of one head, over the same key blocks as the forward."""
     pid_m = tl.program_id(0)
@@ -739,21 +799,26 @@ def _bwd_dq_kernel(
 
     first_pos = pid_m * BLOCK_M + shift
     last_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
+    docs = Docs
+    if HAS_DOCS:
+        docs = Docs + b * k_len * 2
+    row_first, row_end = _document_of(docs, offs_m, row_ok, HAS_DOCS)
     start, full_start, full_end, end = _key_ranges(
-        first_pos, last_pos, k_len, left, right, Bounds, b, HAS_LEFT, HAS_RIGHT, HAS_PADDING, BLOCK_N
+        first_pos, last_pos, k_len, left, right, Bounds, b, docs,
+        HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCS, BLOCK_N
     )
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     args = (q, do, lse, delta, K + b * stride_kb + kv_h * stride_kh, stride_kn, stride_kd,
             V + b * stride_vb + kv_h * stride_vh, stride_vn, stride_vd,
             Mask, b * stride_mb, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-            slope, qk_scale)
+            slope, qk_scale, docs, row_first, row_end)
     dq = _dq_inner(dq, *args, start, full_start, BLOCK_N, True,
-                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
     dq = _dq_inner(dq, *args, full_start, full_end, BLOCK_N, False,
-                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
     dq = _dq_inner(dq, *args, full_end, end, BLOCK_N, True,
-                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, DOT_PRECISION)
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -764,15 +829,15 @@ def _bwd_dq_kernel(
 def _dq_inner(
     dq, q, do, lse, delta, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
     Mask, mask_offset, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-    slope, qk_scale,
+    slope, qk_scale, docs, row_first, row_end,
     start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right,
-                              MASKED, HAS_LEFT, HAS_RIGHT)
+        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, docs,
+                              MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCS)
         if HAS_PADDING:
             # Here both matter: dP = dO V^T meets V, dQ += dS K meets K, each times p = 0.
             keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
@@ -787,6 +852,9 @@ def _dq_inner(
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(_visible(pos, offs_n, k_len, left, right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+            if HAS_DOCS:
+                same = (offs_n[None, :] >= row_first[:, None]) & (offs_n[None, :] < row_end[:, None])
+                p = tl.where(same, p, 0.0)
         if HAS_PADDING:
             p = tl.where(keep[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)

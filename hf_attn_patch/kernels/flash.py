@@ -28,6 +28,7 @@ def flash_attention(
     key_padding_mask: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tiled (flash) attention with a backward pass, in Triton.
 
@@ -38,18 +39,22 @@ def flash_attention(
     key_padding_mask: (B, Nk), true/1 for real keys. alibi_slopes: (Hq,) float32.
     scale: defaults to D ** -0.5. Returns (B, Hq, Nq, D) in q's dtype; rows that see no key
     are zeros.
+    doc_ids: (B, N) integer, packed documents (needs Nq == Nk): each run of equal ids in a row is
+    one document, and a query sees keys of its own document only. Key blocks that share no
+    document with a query block are skipped, so the work is that of the documents one by one.
     """
-    check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes)
+    check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes,
+                           doc_ids=doc_ids)
     left, right = window_reach(causal, window)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(torch.float32)
     if _needs_custom_op(q, k, v):
         out, _ = torch.ops.hf_attn_patch.flash_attention_forward(
-            q, k, v, key_padding_mask, alibi_slopes, left, right, scale
+            q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
         )
     else:
-        out, _ = _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale)
+        out, _ = _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids)
     return out
 
 
@@ -66,6 +71,7 @@ def _needs_custom_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 # --- torch custom ops ---------------------------------------------------------------------------
 # left/right are the window's reach (pos(i) - j <= left, j - pos(i) <= right); -1 = unbounded.
+# doc_ids comes last, with a default, so that calls written before it keep working.
 
 
 @torch.library.custom_op("hf_attn_patch::flash_attention_forward", mutates_args=())
@@ -78,12 +84,13 @@ def _forward(
     left: int,
     right: int,
     scale: float,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale)
+    return _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids)
 
 
 @_forward.register_fake
-def _forward_fake(q, k, v, key_padding_mask, alibi_slopes, left, right, scale):
+def _forward_fake(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids=None):
     batch, heads, q_len, head_dim = q.shape
     return _flash_triton.empty_output(q), q.new_empty((batch, heads, q_len), dtype=torch.float32)
 
@@ -101,33 +108,35 @@ def _backward(
     left: int,
     right: int,
     scale: float,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _flash_triton.backward(
-        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale
+        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
     )
 
 
 @_backward.register_fake
-def _backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale):
+def _backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale,
+                   doc_ids=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, alibi_slopes, left, right, scale = inputs
+    q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, alibi_slopes, doc_ids)
     ctx.window = (left, right)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, key_padding_mask, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, alibi_slopes, doc_ids = ctx.saved_tensors
     left, right = ctx.window
     dq, dk, dv = torch.ops.hf_attn_patch.flash_attention_backward(
-        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, ctx.scale
+        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, ctx.scale, doc_ids
     )
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -10,6 +10,9 @@ Semantics (DESIGN.md, "The one attention call"):
   (0 <= pos(i) - j < W); a tuple (left, right) keeps -right <= pos(i) - j <= left.
 * key_padding_mask: (B, Nk), true/1 where the key is a real token.
 * alibi_slopes: (Hq,) adds slope_h * (j - pos(i)) to the scores.
+* doc_ids: (B, N) with Nq == Nk, packed documents: each run of equal ids in a row is one
+  document, and key j is visible to query i only inside the same run (on top of the rest).
+  Positions stay those of the row, so ALiBi distances are the documents' own.
 * A row that sees no key returns zeros. The softmax runs in float32 (float64 for float64 inputs).
 
 It is slow and memory-hungry (it builds the full score matrix) and is meant for tests.
@@ -30,6 +33,7 @@ def attention_reference(
     key_padding_mask: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention as DESIGN.md defines it; differentiable, returns q's dtype."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -53,6 +57,9 @@ def attention_reference(
     visible = visibility(distance, causal=causal, window=window)[None, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.bool()[:, None, None, :]
+    if doc_ids is not None:
+        runs = document_runs(doc_ids)
+        visible = visible & (runs[:, None, :, None] == runs[:, None, None, :])
     visible = visible.expand(batch, q_heads, q_len, k_len)
 
     row_sees_something = visible.any(dim=-1, keepdim=True)
@@ -74,6 +81,12 @@ def visibility(
         left, right = window_bounds(window)
         visible &= (distance <= left) & (distance >= -right)
     return visible
+
+
+def document_runs(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) index of each position's run of equal ids: [7, 7, 3, 7] -> [0, 0, 1, 2]."""
+    changes = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.nn.functional.pad(changes.long().cumsum(-1), (1, 0))
 
 
 def window_bounds(window: int | tuple[int, int]) -> tuple[int, int]:
