@@ -140,3 +140,51 @@ def cache_keyword(kwargs: dict) -> str:
     """The name a model's forward was given its cache under: 5.24 renamed `past_key_values` to
     `cache` (the old name still works there, with a deprecation warning); pass on the same one."""
     return "cache" if "cache" in kwargs else "past_key_values"
+
+
+# --- packed sequences (position_ids that restart, no attention mask) -----------------------------
+
+
+def packed_documents(mask_function):
+    """(document ids (B, N), the mask function they were combined with), or None.
+
+    For a packed batch, `create_causal_mask` detects the documents from `position_ids` and hands
+    the mask entry `and_masks(base, packed_sequence_mask_function(ids))`; from 5.24 (not in 5.17)
+    `base` is wrapped in `remap_positions_for_packed_sequence`, which only renumbers positions
+    inside each document and changes nothing the kernel needs. `base` is returned unwrapped.
+    """
+    from transformers import masking_utils
+
+    parts = _closure_value(mask_function, _and_code(), "mask_functions")
+    if parts is None or len(parts) != 2:
+        return None
+    ids = _closure_value(parts[1], _packed_code(), "packed_sequence_mask")
+    if ids is None:
+        return None
+    base = parts[0]
+    remap = getattr(masking_utils, "remap_positions_for_packed_sequence", None)
+    if remap is not None:
+        base = _closure_value(base, remap(masking_utils.causal_mask_function, None).__code__,
+                              "mask_function") or base
+    return ids, base
+
+
+@functools.cache
+def _and_code():
+    from transformers import masking_utils
+
+    return masking_utils.and_masks(masking_utils.causal_mask_function).__code__
+
+
+@functools.cache
+def _packed_code():
+    from transformers import masking_utils
+
+    return masking_utils.packed_sequence_mask_function(None).__code__
+
+
+def _closure_value(function, code, name: str):
+    """The value of free variable `name` in a closure built from `code`, else None."""
+    if getattr(function, "__code__", None) is not code or function.__closure__ is None:
+        return None
+    return function.__closure__[code.co_freevars.index(name)].cell_contents

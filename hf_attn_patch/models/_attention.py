@@ -14,9 +14,10 @@ import torch
 
 from ..cache import paged_decode_or_none
 from ..kernels import flash_attention
-from ..kernels.reference import visibility
+from ..kernels.reference import document_runs, visibility
 
-__all__ = ["attend", "autocast_inputs", "align_to_keys", "dense_mask", "weights_over_keys", "warn_once"]
+__all__ = ["attend", "autocast_inputs", "align_to_keys", "padding_or_documents", "dense_mask",
+           "weights_over_keys", "warn_once"]
 
 
 def attend(
@@ -30,6 +31,7 @@ def attend(
     key_padding_mask: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one patched module: q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> (B, Nq, Hq, D).
 
@@ -53,6 +55,7 @@ def attend(
         key_padding_mask=key_padding_mask,
         alibi_slopes=alibi_slopes,
         scale=scale,
+        doc_ids=doc_ids,
     )
     return out.transpose(1, 2)
 
@@ -71,6 +74,16 @@ def autocast_inputs(
         return query, key, value
     dtype = torch.get_autocast_dtype(device_type)
     return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
+def padding_or_documents(
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(key_padding_mask, doc_ids) from what our mask entry returned: a bool (B, n) padding mask,
+    or for packed sequences int32 (B, N) document ids (a padding mask from it is always bool)."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype == torch.int32:
+        return None, mask
+    return mask, None
 
 
 def align_to_keys(
@@ -110,6 +123,7 @@ def dense_mask(
     window: int | tuple[int, int] | None,
     key_padding_mask: torch.Tensor | None,
     dtype: torch.dtype,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The additive (B or 1, 1, Nq, Nk) mask that eager attention needs for the kernels' semantics.
 
@@ -122,6 +136,9 @@ def dense_mask(
     visible = visibility(distance, causal=causal, window=window)[None, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.to(device=key.device, dtype=torch.bool)[:, None, None, :]
+    if doc_ids is not None:
+        runs = document_runs(doc_ids.to(key.device))
+        visible = visible & (runs[:, None, :, None] == runs[:, None, None, :])
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=key.device)
     return torch.where(visible, torch.zeros((), dtype=dtype, device=key.device), blocked)
 

@@ -6,9 +6,10 @@ and build their mask through `ALL_MASK_ATTENTION_FUNCTIONS[...]`. Registering bo
 kernels without copying modeling code. Falcon uses only the mask entry (its attention forward is
 swapped per instance), so that it too stops building a (B, 1, Nq, Nk) mask.
 
-The mask entry returns the 2-D key padding mask (or None when nothing is padded), never a
-(B, 1, Nq, Nk) mask. Mask patterns the kernel cannot express (packed sequences, custom overlays)
-get transformers' own sdpa mask, and the attention entry hands those calls to stock sdpa.
+The mask entry returns the 2-D key padding mask (bool, or None when nothing is padded), or for
+packed sequences the (B, N) int32 document ids; never a (B, 1, Nq, Nk) mask. Mask patterns the
+kernel cannot express (custom overlays) get transformers' own sdpa mask, and the attention entry
+hands those calls to stock sdpa.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from transformers import masking_utils
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from ._attention import align_to_keys, attend, dense_mask, warn_once, weights_over_keys
+from .._compat import packed_documents
+from ._attention import (align_to_keys, attend, dense_mask, padding_or_documents, warn_once,
+                         weights_over_keys)
 
 # Deliberately free of "flash", "sdpa", "flex" and "paged": transformers switches behaviour on
 # those substrings of the implementation name.
@@ -59,6 +62,7 @@ def attention_forward(
         return _stock_with_dense_mask(module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
     k_len = key.shape[2]
+    attention_mask, doc_ids = padding_or_documents(attention_mask)
     attention_mask, key, value = align_to_keys(attention_mask, key, value)
 
     wants_weights = kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False)
@@ -77,21 +81,23 @@ def attention_forward(
                 "dropout to 0 to train on the kernel.",
             )
         mask = dense_mask(
-            query.shape[2], key, causal=causal, window=window, key_padding_mask=attention_mask, dtype=query.dtype
+            query.shape[2], key, causal=causal, window=window, key_padding_mask=attention_mask, dtype=query.dtype,
+            doc_ids=doc_ids,
         )
         out, weights = _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs)
         return out, weights_over_keys(weights, k_len)
 
-    out = attend(module, query, key, value, causal=causal, window=window, key_padding_mask=attention_mask, scale=scaling)
+    out = attend(module, query, key, value, causal=causal, window=window, key_padding_mask=attention_mask,
+                 scale=scaling, doc_ids=doc_ids)
     return out, None
 
 
 def _stock_with_dense_mask(module, query, key, value, mask, scaling, dropout, kwargs):
-    """A (B, 1, Nq, Nk) mask came in (the caller's own, or packed sequences): stock attention."""
+    """A (B, 1, Nq, Nk) mask came in (the caller's own, or a custom mask pattern): stock attention."""
     warn_once(
         "dense_mask",
-        "hf_attn_patch: a 4-D attention mask (custom, or packed sequences without an attention "
-        "mask) cannot be expressed by the kernel; such calls run on the stock attention.",
+        "hf_attn_patch: a 4-D attention mask (the caller's own, or a custom mask pattern) cannot be "
+        "expressed by the kernel; such calls run on the stock attention.",
     )
     if kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False):
         if mask.dtype == torch.bool:
@@ -155,7 +161,8 @@ def key_padding_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
-    """AttentionMaskInterface entry: a (B, n) boolean mask of key positions [0, n), or None.
+    """AttentionMaskInterface entry: a (B, n) boolean mask of key positions [0, n), or None; for
+    packed sequences (B, N) int32 document ids.
 
     transformers describes the keys as absolute positions [kv_offset, kv_offset + kv_length)
     and the queries as [q_offset, q_offset + q_length). The kernel puts the queries at the last
@@ -166,8 +173,17 @@ def key_padding_mask(
 
     The mask stays in absolute positions from 0 because generate() feeds what this returns
     back in as the 2-D attention mask when the cache is compileable; it must mean the same then.
+
+    Packed sequences (transformers found position_ids restarting, with no attention mask and no
+    cache): the ids it computed, one per document, go to the kernel as they are, on the device.
     """
     device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
+    # Under torch.compile the closures cannot be inspected (see _pattern).
+    packed = None if torch.compiler.is_compiling() else packed_documents(mask_function)
+    if packed is not None:
+        doc_ids, base = packed
+        if _pattern(base) == "causal" and attention_mask is None:
+            return doc_ids.to(device=device, dtype=torch.int32).expand(batch_size, -1)
     pattern = _pattern(mask_function)
     if pattern is None:
         rest = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
@@ -211,9 +227,10 @@ def _pattern(mask_function: Callable | None) -> str | None:
 
     The plain patterns are transformers' causal and bidirectional functions and the sliding
     window (an `and_masks` of causal and the window overlay; the window itself reaches the
-    attention entry as its `sliding_window` argument). Anything else, packed sequences above all,
-    is None. Under torch.compile the closures cannot be inspected; there, as transformers itself
-    cannot tell packed rows from ordinary ones while tracing, the plain pattern is assumed.
+    attention entry as its `sliding_window` argument). Anything else is None (packed sequences
+    are recognised before, by `packed_documents`). Under torch.compile the closures cannot be
+    inspected; there, as transformers itself cannot tell packed rows from ordinary ones while
+    tracing, the plain pattern is assumed.
     """
     if mask_function is None or mask_function is masking_utils.causal_mask_function:
         return "causal"

@@ -34,7 +34,7 @@ from transformers.models.falcon.modeling_falcon import (
     build_alibi_tensor,
 )
 
-from ._attention import align_to_keys, attend, dense_mask, warn_once, weights_over_keys
+from ._attention import align_to_keys, attend, dense_mask, padding_or_documents, warn_once, weights_over_keys
 from ._family import Family, Undo, head_dim_problem
 from ._interface import ATTN_IMPLEMENTATION
 
@@ -93,18 +93,22 @@ def _falcon_forward(module, slopes, hidden_states, alibi, attention_mask, layer_
 
     dense_given = attention_mask is not None and attention_mask.dim() != 2
     k_len = key.shape[2]
+    doc_ids = None
     if not dense_given:
+        # Packed sequences reach here as document ids where FalconModel passes position_ids to
+        # create_causal_mask (5.24; 5.17 does not, and stock Falcon attends across documents).
+        attention_mask, doc_ids = padding_or_documents(attention_mask)
         attention_mask, key, value = align_to_keys(attention_mask, key, value)
     alibi_slopes = slopes.on(query.device) if alibi is not None else None
     dropout = module.attention_dropout.p if (module.training and alibi is not None) else 0.0
 
     if dense_given or output_attentions or dropout > 0:
         out, weights = _eager_fallback(module, query, key, value, attention_mask, alibi_slopes, dropout,
-                                       dense_given, output_attentions)
+                                       dense_given, output_attentions, doc_ids)
         weights = weights_over_keys(weights, k_len)
     else:
         out = attend(module, query, key, value, causal=True, key_padding_mask=attention_mask,
-                     alibi_slopes=alibi_slopes, scale=module.inv_norm_factor)
+                     alibi_slopes=alibi_slopes, scale=module.inv_norm_factor, doc_ids=doc_ids)
         weights = None
     return module.dense(out.reshape(batch, q_len, module.num_heads * module.head_dim)), weights
 
@@ -126,7 +130,7 @@ def _split_heads(module: FalconAttention, fused: torch.Tensor):
 
 
 def _eager_fallback(module, query, key, value, attention_mask, alibi_slopes, dropout, dense_given,
-                    output_attentions):
+                    output_attentions, doc_ids=None):
     if output_attentions:
         warn_once("output_attentions", "hf_attn_patch: output_attentions=True is computed with eager "
                   "attention in PyTorch (the kernel never forms the attention matrix); calls without "
@@ -155,7 +159,7 @@ def _eager_fallback(module, query, key, value, attention_mask, alibi_slopes, dro
                 torch.arange(q_len, device=key.device)[:, None] + k_len - q_len)
             scores = scores + alibi_slopes[:, None, None] * distance
         scores = scores + dense_mask(query.shape[2], key, causal=True, window=None,
-                                     key_padding_mask=attention_mask, dtype=torch.float32)
+                                     key_padding_mask=attention_mask, dtype=torch.float32, doc_ids=doc_ids)
     probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training).to(query.dtype)
     return (probs @ value).transpose(1, 2), (probs if output_attentions else None)
 
