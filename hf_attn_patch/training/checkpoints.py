@@ -146,14 +146,17 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, save_
     return folder
 
 
-def save_final(model, tokenizer, output_dir: Path) -> Path:
-    """save_pretrained beside final/, then swap it in: final/ is the old or the new model, never half."""
+def save_final(model, tokenizer, output_dir: Path, state_dict: dict | None = None) -> Path:
+    """save_pretrained beside final/, then swap it in: final/ is the old or the new model, never half.
+
+    state_dict: the weights to write instead of the model's own (FSDP's gathered full state dict).
+    """
     final, partial, old = output_dir / FINAL, output_dir / ".final.partial", output_dir / ".final.old"
     for leftover in (partial, old):  # of a run killed while saving
         if leftover.exists():
             shutil.rmtree(leftover)
     try:
-        model.save_pretrained(partial)
+        model.save_pretrained(partial, state_dict=state_dict)  # None: the model's own
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
         _flush(partial)

@@ -31,6 +31,7 @@ from .checkpoints import (CHECKPOINTS, STATE_NAME, check_output_dir, check_resum
                           find_resume_point, model_fingerprint, prepare_output_dir, save_checkpoint, save_final)
 from .config import UptrainConfig, UptrainResult
 from .data import SequenceOrder, check_data_source, describe, fingerprint, is_text, load_token_ids, pack
+from .distributed import check_checkpoint_kind, describe_sharding, full_state_dict
 from .modeling import (CAUSAL, ENCODER, describe_model, disable_gradient_checkpointing,
                        enable_gradient_checkpointing, load_model, load_tokenizer, zero_attention_dropout)
 from .objectives import Objective, objective_name
@@ -77,6 +78,7 @@ def _run(config: UptrainConfig, undo_on_failure: list) -> UptrainResult:
         raise ValueError(f"the data holds token ids in [{low}, {high}], outside the model's vocabulary "
                          f"[0, {spec.vocab_size}); wrong tokenizer or token_dtype?")
     objective_label = objective_name(spec.kind, teacher_spec is not None, config.distill_weight)
+    separator = _doc_separator(config, spec)
 
     # --- 2. accelerator, models, optimizer ----------------------------------------------------
     from accelerate import Accelerator
@@ -96,6 +98,8 @@ def _run(config: UptrainConfig, undo_on_failure: list) -> UptrainResult:
     layout = dict(seq_len=config.seq_len, batch_size=config.batch_size, grad_accum=config.grad_accum,
                   num_processes=nproc, num_sequences=len(sequences), shuffle=config.shuffle, seed=config.seed,
                   data_fingerprint=fingerprint(sequences))
+    if separator is not None:  # only then: checkpoints written before packing existed still resume
+        layout["doc_separator"] = separator
     if resume_point is not None:  # before any weights are read
         check_resume(resume_point, max_steps=config.max_steps, objective=objective_label, layout=layout)
     prepare_output_dir(output_dir)
@@ -135,7 +139,8 @@ def _run(config: UptrainConfig, undo_on_failure: list) -> UptrainResult:
     objective = Objective(spec.kind, teacher=teacher, distill_weight=config.distill_weight,
                           temperature=config.distill_temperature, autocast=accelerator.autocast,
                           student_is_base=student_is_base,
-                          teacher_is_base=teacher is None or teacher.base_model is teacher)
+                          teacher_is_base=teacher is None or teacher.base_model is teacher,
+                          doc_separator=separator)
 
     optimizer = _adamw(model, config, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -146,14 +151,16 @@ def _run(config: UptrainConfig, undo_on_failure: list) -> UptrainResult:
     # --- 3. resume --------------------------------------------------------------------------------
     step, losses = 0, []
     if resume_point is not None:
+        check_checkpoint_kind(resume_dir, accelerator)
         accelerator.load_state(os.fspath(resume_dir))
         step, losses = resume_point.step, [tuple(x) for x in resume_point.state["losses"]]
         say(f"resumed from {resume_dir} at step {step}")
 
     say(f"uptrain {spec.name} ({spec.kind}, objective {objective.name}) on {describe(config.data)}: "
         f"{len(sequences)} sequences of {config.seq_len} tokens; {nproc} process(es) x batch {config.batch_size} "
-        f"x accum {config.grad_accum} = {per_step * config.seq_len:,} tokens/step; mixed precision "
-        f"{accelerator.mixed_precision}; attention on "
+        f"x accum {config.grad_accum} = {per_step * config.seq_len:,} tokens/step ({describe_sharding(accelerator)}); "
+        f"mixed precision {accelerator.mixed_precision}; "
+        f"{f'packed documents (separator {separator}); ' if separator is not None else ''}attention on "
         f"{'hf_attn_patch kernels (forward and backward)' if config.patch else 'stock transformers'}")
 
     # --- 4. train ---------------------------------------------------------------------------------
@@ -214,6 +221,7 @@ def _run(config: UptrainConfig, undo_on_failure: list) -> UptrainResult:
     # --- 5. final model ---------------------------------------------------------------------------
     flush()
     accelerator.wait_for_everyone()
+    weights = full_state_dict(accelerator, model)  # FSDP: the shards gathered on the main process
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     restore_dropout()
     if config.gradient_checkpointing:
@@ -223,7 +231,7 @@ def _run(config: UptrainConfig, undo_on_failure: list) -> UptrainResult:
         unpatch_model(model)  # save_pretrained from the stock model: loads into plain transformers
     final_dir = output_dir / "final"
     if accelerator.is_main_process:
-        save_final(model, tokenizer if tokenizer != "bytes" else None, output_dir)
+        save_final(model, tokenizer if tokenizer != "bytes" else None, output_dir, state_dict=weights)
     accelerator.wait_for_everyone()
     if given is not None:
         given_state.restore(model)
@@ -282,6 +290,24 @@ def _hand_back(model, state: _ModelState, restore_dropout, checkpointing: bool) 
     if checkpointing:
         disable_gradient_checkpointing(model)
     state.restore(model)
+
+
+def _doc_separator(config: UptrainConfig, spec) -> int | None:
+    """The token id that ends a document when packing (None without packing); ValueError if none."""
+    if not config.packing:
+        return None
+    if spec.kind == ENCODER:
+        raise ValueError("UptrainConfig.packing is for causal LMs: transformers builds an encoder's (BERT's) "
+                         "mask without position_ids, so its documents would attend to each other")
+    separator = config.doc_separator
+    if separator is None:
+        separator = getattr(spec.config, "eos_token_id", None)
+        if isinstance(separator, (list, tuple)):
+            separator = separator[0] if separator else None
+    if separator is None:
+        raise ValueError("UptrainConfig.packing needs the token id that ends a document: the model config has "
+                         "no eos_token_id; pass doc_separator=")
+    return int(separator)
 
 
 def _check_teacher(spec, teacher) -> None:

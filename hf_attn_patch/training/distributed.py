@@ -1,0 +1,54 @@
+"""Several processes (accelerate launch / torchrun): what changes under FSDP.
+
+DDP needs nothing from this module: accelerate wraps the model, each process reads its own
+slice of every global batch (the stream positions of data.py depend on the process index), and
+the gradients are averaged over processes. FSDP (accelerate's FSDP plugin; FSDP2 `fully_shard`
+where the installed accelerate and torch offer it) shards the parameters, so
+
+* the final model's weights are gathered into one full state dict on the main process before
+  `save_pretrained` (the sharded parameters themselves are DTensors that it cannot write), and
+* a checkpoint is accelerate's FSDP state (`pytorch_model_fsdp_0/`, `optimizer_0/`: with the
+  default SHARDED_STATE_DICT every process writes its own part), which only an FSDP run of the
+  same shape can load; a plain checkpoint (`model.safetensors`) only a run without FSDP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["is_fsdp", "full_state_dict", "check_checkpoint_kind", "describe_sharding"]
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def describe_sharding(accelerator) -> str:
+    """For the log line: "FSDP2 (SHARDED_STATE_DICT)", "DDP" or "one process"."""
+    if is_fsdp(accelerator):
+        plugin = accelerator.state.fsdp_plugin
+        return f"FSDP{plugin.fsdp_version} ({plugin.state_dict_type.name})"
+    return "DDP" if accelerator.num_processes > 1 else "one process"
+
+
+def full_state_dict(accelerator, model) -> dict | None:
+    """The whole model's weights on the main process under FSDP (on the CPU; other processes get
+    an empty dict), None without FSDP, where save_pretrained reads the model itself.
+
+    Every process must call this: the shards are gathered with collectives.
+    """
+    if not is_fsdp(accelerator):
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def check_checkpoint_kind(folder: Path, accelerator) -> None:
+    """Refuse (ValueError) to load an FSDP checkpoint without FSDP, or a plain one under FSDP:
+    accelerate would fail on a missing file halfway through loading."""
+    saved_fsdp = any(Path(folder).glob("pytorch_model_fsdp_*"))
+    if saved_fsdp != is_fsdp(accelerator):
+        saved, now = ("FSDP", "without FSDP") if saved_fsdp else ("without FSDP", "under FSDP")
+        raise ValueError(f"cannot resume from {folder}: it was saved {saved} and this run is {now}; resume it "
+                         "with the launcher configuration it was trained with (examples/accelerate/)")
