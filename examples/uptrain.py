@@ -1,6 +1,7 @@
 """Uptrain a converted (GQA/MQA) checkpoint with accelerate, attention on hf-attn-patch's kernels.
 
     python examples/uptrain.py llama-gqa4 --data corpus.txt --output-dir runs/gqa4 --teacher llama-mha
+    python examples/uptrain.py llama-gqa4 --data tokens/ --output-dir runs/gqa4 --packing
     accelerate launch --num_processes 8 examples/uptrain.py llama-gqa4 --data tokens/ --output-dir runs/gqa4
 
 A thin command line over `hf_attn_patch.training.uptrain`; every flag is a field of UptrainConfig
@@ -57,6 +58,10 @@ def parse_args(argv=None) -> tuple[UptrainConfig, bool]:
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--token-dtype", default=defaults.token_dtype, help="element type of .bin token files")
+    p.add_argument("--packing", action="store_true",
+                   help="padding-free: documents apart in each row (position_ids restart after each separator)")
+    p.add_argument("--doc-separator", type=int, default=defaults.doc_separator,
+                   help="with --packing: token id that ends a document (default: the model's eos_token_id)")
     p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     args = vars(p.parse_args(argv))
     debug = args.pop("debug")

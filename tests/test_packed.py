@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (BertConfig, BertModel, FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM)
 
 from hf_attn_patch import patch_model
 from hf_attn_patch.kernels import flash_attention
 from hf_attn_patch.kernels.reference import attention_reference
 from hf_attn_patch.models import _interface, falcon
+from hf_attn_patch.training import UptrainConfig, uptrain
+from hf_attn_patch.training.data import packed_positions
 
 from .helpers import forbid_stock_attention, relative_error
 
@@ -201,6 +204,39 @@ def test_falcon_packed_matches_stock(device, monkeypatch):
         monkeypatch.setattr(falcon, "_eager_fallback", None)  # the kernel path only
         ours = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
     assert relative_error(ours, stock) < 1e-4
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def test_packed_positions_restart_after_each_separator():
+    batch = torch.tensor([[5, 9, 2, 7, 2, 2, 8], [2, 3, 4, 5, 6, 2, 1]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 0, 1, 2, 3, 4, 0]])
+    assert torch.equal(packed_positions(batch, separator=2), expected)
+
+
+def test_uptrain_with_packing_trains_on_the_kernel(tmp_path, kernel_only):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**DECODER, intermediate_size=128, eos_token_id=3))
+    documents = [torch.cat([torch.randint(4, 128, (n,)), torch.tensor([3])]) for n in (6, 13, 2, 20, 9, 11)]
+    config = UptrainConfig(model=model, output_dir=tmp_path / "run", data=torch.cat(documents), packing=True,
+                           seq_len=32, batch_size=2, max_steps=2, warmup_steps=0, schedule="constant",
+                           gradient_checkpointing=False, quiet=True, log_every=1)
+    result = uptrain(config)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+
+
+def test_packing_is_refused_without_a_separator_or_for_an_encoder(tmp_path):
+    model = LlamaForCausalLM(LlamaConfig(**DECODER, intermediate_size=128, eos_token_id=None))
+    config = UptrainConfig(model=model, output_dir=tmp_path / "a", data=torch.arange(64), packing=True, seq_len=32)
+    with pytest.raises(ValueError, match="no eos_token_id; pass doc_separator"):
+        uptrain(config)
+    encoder = BertModel(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=128))
+    config = UptrainConfig(model=encoder, output_dir=tmp_path / "b", data=torch.arange(64), packing=True,
+                           seq_len=32, teacher=encoder, doc_separator=0)
+    with pytest.raises(ValueError, match="packing is for causal LMs"):
+        uptrain(config)
 
 
 # --- GPU ----------------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ class UptrainConfig:
     resume: False, True (the latest checkpoint in output_dir/checkpoints, if any), or a
         checkpoint folder.
     save_every: save a resumable checkpoint every this many steps (0: never).
+    packing: padding-free training of causal LMs. Documents end at the token id `doc_separator`
+        (None: the model config's eos_token_id), kept as their last token; rows stay the
+        stream's seq_len tokens, but position_ids restart after each separator and at each row,
+        and a document attends only to itself (on the kernel: no mask is built). A document cut
+        by a row's end continues in the next row from position 0. The first token of each
+        document is not a target. The rows are the same with or without packing.
     """
 
     model: ModelSource
@@ -80,6 +86,8 @@ class UptrainConfig:
     shuffle: bool = True
     seed: int = 0
     token_dtype: str = "uint16"        # element type of raw .bin token files
+    packing: bool = False              # documents apart in each row, by restarting position_ids
+    doc_separator: int | None = None   # token id that ends a document (None: the model's eos_token_id)
     quiet: bool = False                # no log lines
 
     def check(self) -> None:
@@ -115,6 +123,9 @@ class UptrainConfig:
         if not integer_tokens:
             raise ValueError(f"UptrainConfig.token_dtype must name a numpy integer type (uint16, int32, ...), "
                              f"got {self.token_dtype!r}")
+        if self.doc_separator is not None and (not _is_int(self.doc_separator) or self.doc_separator < 0):
+            raise ValueError(f"UptrainConfig.doc_separator must be a token id (int >= 0) or None, "
+                             f"got {self.doc_separator!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"UptrainConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.schedule not in SCHEDULES:

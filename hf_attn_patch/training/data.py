@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["TOKEN_SUFFIXES", "check_data_source", "load_token_ids", "pack", "SequenceOrder", "tokenize_text",
-           "fingerprint"]
+__all__ = ["TOKEN_SUFFIXES", "check_data_source", "load_token_ids", "pack", "packed_positions", "SequenceOrder",
+           "tokenize_text", "fingerprint"]
 
 TOKEN_SUFFIXES = (".npy", ".pt", ".bin")
 TEXT_CHUNK_CHARS = 1 << 20  # text is tokenized in chunks of about this many characters, cut at newlines
@@ -92,6 +92,15 @@ def pack(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
         raise ValueError(f"seq_len {seq_len} is too long for the data: it has {ids.numel()} tokens, "
                          "not one full sequence; lower seq_len or add data")
     return ids[: count * seq_len].view(count, seq_len)
+
+
+def packed_positions(batch: torch.Tensor, separator: int) -> torch.Tensor:
+    """position_ids (B, N) that restart at 0 after each `separator` token and at each row's start,
+    as transformers' DataCollatorWithFlattening writes them; on the batch's device, no host sync."""
+    index = torch.arange(batch.shape[1], device=batch.device).expand_as(batch)
+    after_separator = torch.zeros_like(batch, dtype=torch.bool)
+    after_separator[:, 1:] = batch[:, :-1] == separator
+    return index - torch.where(after_separator, index, 0).cummax(-1).values
 
 
 class SequenceOrder:

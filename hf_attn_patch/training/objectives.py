@@ -9,12 +9,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .data import packed_positions
+
 __all__ = ["lm_loss", "logit_distillation_loss", "hidden_distillation_loss", "Objective", "objective_name"]
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits (B, N, V) at position i predict input_ids[:, i + 1]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits (B, N, V) at position i predict input_ids[:, i + 1].
+
+    With packed documents (position_ids restarting), the first token of a document is no target:
+    the previous document's last token cannot see it coming.
+    """
+    targets = input_ids[:, 1:]
+    if position_ids is not None:
+        targets = targets.masked_fill(position_ids[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
 
 
 def logit_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -58,8 +67,10 @@ class Objective:
     """The loss of one micro-batch for a student (and optional teacher)."""
 
     def __init__(self, kind: str, *, teacher=None, distill_weight: float = 0.5, temperature: float = 1.0,
-                 autocast=None, student_is_base: bool = True, teacher_is_base: bool = True):
+                 autocast=None, student_is_base: bool = True, teacher_is_base: bool = True,
+                 doc_separator: int | None = None):
         self.kind, self.teacher = kind, teacher
+        self.doc_separator = doc_separator  # packing: documents end at this token id
         self.weight, self.temperature = distill_weight, temperature
         self.autocast = autocast
         self.student_is_base, self.teacher_is_base = student_is_base, teacher_is_base
@@ -70,14 +81,17 @@ class Objective:
 
     def __call__(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         if self.kind == "causal_lm":
-            logits = model(input_ids=input_ids, use_cache=False).logits
+            packed = {}
+            if self.doc_separator is not None:
+                packed["position_ids"] = packed_positions(input_ids, self.doc_separator)
+            logits = model(input_ids=input_ids, use_cache=False, **packed).logits
             if self.teacher is None or self.weight == 0:
-                return lm_loss(logits, input_ids)
-            teacher_logits = self._teacher(input_ids).logits
+                return lm_loss(logits, input_ids, packed.get("position_ids"))
+            teacher_logits = self._teacher(input_ids, **packed).logits
             kl = logit_distillation_loss(logits, teacher_logits, self.temperature)
             if self.weight == 1:
                 return kl
-            return (1 - self.weight) * lm_loss(logits, input_ids) + self.weight * kl
+            return (1 - self.weight) * lm_loss(logits, input_ids, packed.get("position_ids")) + self.weight * kl
         student = _last_hidden(model(input_ids=input_ids, output_hidden_states=not self.student_is_base),
                                self.student_is_base)
         teacher = _last_hidden(self._teacher(input_ids, output_hidden_states=not self.teacher_is_base),
