@@ -20,17 +20,19 @@ __all__ = ["is_fsdp", "full_state_dict", "check_checkpoint_kind", "describe_shar
 
 
 def is_fsdp(accelerator) -> bool:
+    """`accelerator`: an Accelerator or its AcceleratorState."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def describe_sharding(accelerator) -> str:
-    """For the log line: "FSDP2 (SHARDED_STATE_DICT)", "DDP" or "one process"."""
-    if is_fsdp(accelerator):
-        plugin = accelerator.state.fsdp_plugin
+def describe_sharding(state) -> str:
+    """"FSDP2 (SHARDED_STATE_DICT)", "DDP" or "one process", from an `AcceleratorState`
+    (`accelerator.state`)."""
+    if is_fsdp(state):
+        plugin = state.fsdp_plugin
         return f"FSDP{plugin.fsdp_version} ({plugin.state_dict_type.name})"
-    return "DDP" if accelerator.num_processes > 1 else "one process"
+    return "DDP" if state.num_processes > 1 else "one process"
 
 
 def full_state_dict(accelerator, model) -> dict | None:

@@ -158,7 +158,7 @@ def _run(config: UptrainConfig, undo_on_failure: list) -> UptrainResult:
 
     say(f"uptrain {spec.name} ({spec.kind}, objective {objective.name}) on {describe(config.data)}: "
         f"{len(sequences)} sequences of {config.seq_len} tokens; {nproc} process(es) x batch {config.batch_size} "
-        f"x accum {config.grad_accum} = {per_step * config.seq_len:,} tokens/step ({describe_sharding(accelerator)}); "
+        f"x accum {config.grad_accum} = {per_step * config.seq_len:,} tokens/step ({describe_sharding(accelerator.state)}); "
         f"mixed precision {accelerator.mixed_precision}; "
         f"{f'packed documents (separator {separator}); ' if separator is not None else ''}attention on "
         f"{'hf_attn_patch kernels (forward and backward)' if config.patch else 'stock transformers'}")
