@@ -28,8 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 COMMON = dict(seq_len=SEQ, grad_accum=2, max_steps=3, lr=3e-3, warmup_steps=1, schedule="cosine", shuffle=True,
               max_grad_norm=0.5, mixed_precision="no", tokenizer="bytes", gradient_checkpointing=False,
               quiet=True, log_every=1)
-FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-             "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}
 
 
 @pytest.fixture(scope="module")
@@ -75,21 +73,34 @@ def test_ddp_two_processes_match_one_and_resume_exactly(run_inputs, one_process,
     assert_same_weights(Path(resumed["final_dir"]), Path(whole["final_dir"]), atol=1e-7)
 
 
+def test_accelerate_configs_launch_what_they_say():
+    """examples/accelerate/*.yaml, read by accelerate's own launcher: the variables it hands the processes."""
+    ddp, fsdp, cpu = (launcher_env(name) for name in ("ddp", "fsdp", "cpu_2proc"))
+    assert ddp["ACCELERATE_MIXED_PRECISION"] == "bf16" and "ACCELERATE_USE_FSDP" not in ddp
+    assert fsdp["ACCELERATE_MIXED_PRECISION"] == "bf16" and fsdp["ACCELERATE_USE_FSDP"] == "true"
+    assert (fsdp["FSDP_VERSION"], fsdp["FSDP_AUTO_WRAP_POLICY"], fsdp["FSDP_RESHARD_AFTER_FORWARD"]) == \
+        ("2", "TRANSFORMER_BASED_WRAP", "true")
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in fsdp  # taken from the model's _no_split_modules
+    assert cpu["ACCELERATE_MIXED_PRECISION"] == "no" and "ACCELERATE_USE_FSDP" not in cpu
+
+
 def test_fsdp2_two_processes_match_one_and_resume_exactly(run_inputs, one_process, tmp_path):
-    """FSDP2 (fully_shard, sharded checkpoints, the full state dict gathered for final/) on gloo.
+    """FSDP2 (fully_shard, sharded checkpoints, the full state dict gathered for final/) on gloo,
+    with the FSDP settings of examples/accelerate/fsdp.yaml.
 
     accelerate switches FSDP on only for GPU-like launches, so the worker switches it on by hand
     on the CPU (`_fsdp_on_cpu`); everything after that is accelerate's FSDP2 path, as on GPUs.
     """
+    fsdp_env = {k: v for k, v in launcher_env("fsdp").items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
     settings = dict(batch_size=1, **run_inputs, **{**COMMON, "gradient_checkpointing": True})
-    whole = launch(tmp_path / "whole", dict(settings, save_every=2), env=FSDP2_ENV)
+    whole = launch(tmp_path / "whole", dict(settings, save_every=2), env=fsdp_env)
     assert whole["sharding"] == "FSDP2 (SHARDED_STATE_DICT)"
     assert_same_losses(whole["losses"], one_process.losses, rel=1e-5)
     assert_same_weights(Path(whole["final_dir"]), one_process.final_dir, atol=1e-5)  # from_pretrained loads it
     step2 = tmp_path / "whole" / "checkpoints" / "step-0000002"
     assert {"pytorch_model_fsdp_0", "optimizer_0", "trainer_state.json"} <= {p.name for p in step2.iterdir()}
 
-    resumed = launch(tmp_path / "resumed", dict(settings, resume=str(step2)), env=FSDP2_ENV)
+    resumed = launch(tmp_path / "resumed", dict(settings, resume=str(step2)), env=fsdp_env)
     assert_same_losses(resumed["losses"], whole["losses"], rel=1e-6)
     assert_same_weights(Path(resumed["final_dir"]), Path(whole["final_dir"]), atol=1e-7)
 
@@ -129,6 +140,17 @@ def launch(output_dir: Path, settings: dict, *, processes: int = 2, env: dict | 
         pytest.fail(f"{processes}-process uptrain did not finish in {timeout} s:\n{output[-4000:]}")
     assert process.returncode == 0, output[-6000:]
     return json.loads(result.read_text())
+
+
+def launcher_env(config: str) -> dict:
+    """What `accelerate launch --config_file examples/accelerate/<config>.yaml` sets for its processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", os.fspath(REPO / "examples" / "accelerate" /
+                                                                         f"{config}.yaml"), "examples/uptrain.py"])
+    args, _, _ = _validate_launch_command(args)
+    return prepare_multi_gpu_env(args)
 
 
 def assert_same_losses(actual, expected, rel: float) -> None:
