@@ -105,6 +105,26 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(run_inputs, one_proces
     assert_same_weights(Path(resumed["final_dir"]), Path(whole["final_dir"]), atol=1e-7)
 
 
+def test_a_checkpoint_resumes_only_under_the_kind_that_wrote_it(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hf_attn_patch.training.distributed import check_checkpoint_kind
+
+    ddp, fsdp = (SimpleNamespace(distributed_type=kind) for kind in (DistributedType.MULTI_GPU, DistributedType.FSDP))
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    (plain / "model.safetensors").parent.mkdir()
+    (plain / "model.safetensors").write_bytes(b"")
+    (sharded / "pytorch_model_fsdp_0").mkdir(parents=True)
+    check_checkpoint_kind(plain, ddp)
+    check_checkpoint_kind(sharded, fsdp)
+    with pytest.raises(ValueError, match="saved under FSDP and this run is without FSDP"):
+        check_checkpoint_kind(sharded, ddp)
+    with pytest.raises(ValueError, match="saved without FSDP and this run is under FSDP"):
+        check_checkpoint_kind(plain, fsdp)
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 

@@ -51,6 +51,6 @@ def check_checkpoint_kind(folder: Path, accelerator) -> None:
     accelerate would fail on a missing file halfway through loading."""
     saved_fsdp = any(Path(folder).glob("pytorch_model_fsdp_*"))
     if saved_fsdp != is_fsdp(accelerator):
-        saved, now = ("FSDP", "without FSDP") if saved_fsdp else ("without FSDP", "under FSDP")
+        saved, now = ("under FSDP", "without FSDP") if saved_fsdp else ("without FSDP", "under FSDP")
         raise ValueError(f"cannot resume from {folder}: it was saved {saved} and this run is {now}; resume it "
                          "with the launcher configuration it was trained with (examples/accelerate/)")
