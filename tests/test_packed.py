@@ -193,6 +193,20 @@ def test_patched_model_packed_matches_documents_one_by_one(build, device, kernel
     packed_vs_one_by_one(build, device, lambda: None)
 
 
+def test_compiled_patched_llama_keeps_documents_apart(device, kernel_only):
+    """Under torch.compile the document ids come from position_ids in the attention entry."""
+    torch.manual_seed(0)
+    model = llama().to(device).eval()
+    patch_model(model)
+    input_ids, position_ids = packed_batch(MODEL_LENGTHS, device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        packed = compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        eager = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    assert relative_error(packed, eager) < 1e-5
+
+
 def test_packed_batch_reaches_the_kernel_with_document_ids(device, monkeypatch):
     calls = []
     attend = _interface.attend

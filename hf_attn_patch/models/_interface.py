@@ -63,6 +63,8 @@ def attention_forward(
 
     k_len = key.shape[2]
     attention_mask, doc_ids = padding_or_documents(attention_mask)
+    if doc_ids is None and attention_mask is None and causal and torch.compiler.is_compiling():
+        doc_ids = _documents_while_compiling(kwargs.get("position_ids"), query.shape[0], query.shape[2], k_len)
     attention_mask, key, value = align_to_keys(attention_mask, key, value)
 
     wants_weights = kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False)
@@ -90,6 +92,20 @@ def attention_forward(
     out = attend(module, query, key, value, causal=causal, window=window, key_padding_mask=attention_mask,
                  scale=scaling, doc_ids=doc_ids)
     return out, None
+
+
+def _documents_while_compiling(position_ids, batch: int, q_len: int, k_len: int) -> torch.Tensor | None:
+    """Document ids from position_ids, for a call traced by torch.compile without a mask.
+
+    While tracing, our mask entry cannot read transformers' packed-sequence ids (see _pattern) and
+    returns None for packed and ordinary rows alike. transformers itself then always applies its
+    packed-sequence rule (position_ids not rising by one start a document); so do we, with its
+    own function: an ordinary row is one document, and the kernel's answer is the same for it.
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or not q_len == k_len == position_ids.shape[1]:
+        return None
+    ids = masking_utils.find_packed_sequence_indices(position_ids.expand(batch, -1))
+    return None if ids is None else ids.to(torch.int32)
 
 
 def _stock_with_dense_mask(module, query, key, value, mask, scaling, dropout, kwargs):
