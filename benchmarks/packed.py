@@ -274,7 +274,8 @@ def print_report(rows: list[dict]) -> None:
     console.print(table)
 
     ours = next((r for r in attention if r["provider"] == "ours" and r["fwd_bwd_ms"]), None)
-    for peer, target in TARGETS.items():
+    on_gpu = bool(attention) and not attention[0]["device"].startswith("cpu")
+    for peer, target in TARGETS.items() if on_gpu else ():  # interpreter times say nothing
         other = next((r for r in attention if r["provider"] == peer and r["fwd_bwd_ms"]), None)
         if ours and other:
             speedup = other["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
