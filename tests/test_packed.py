@@ -226,12 +226,20 @@ def test_packed_batch_reaches_the_kernel_with_document_ids(device, monkeypatch):
     assert len(calls) == model.config.num_hidden_layers and all(torch.equal(ids, expected) for ids in calls)
 
 
-def test_falcon_packed_matches_stock(device, monkeypatch):
+FALCONS = {
+    "falcon-40b": dict(num_kv_heads=2, new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False),
+    "falcon-rw": dict(alibi=True, multi_query=False, new_decoder_architecture=False, parallel_attn=False, bias=True),
+}
+
+
+@pytest.mark.parametrize("layout", FALCONS.values(), ids=FALCONS.keys())
+def test_falcon_packed_matches_stock(layout, device, monkeypatch):
     """Falcon answers a packed batch as stock transformers does: documents apart where FalconModel
-    passes position_ids to its mask (5.24), one sequence where it does not (5.17)."""
+    passes position_ids to its mask (5.24), one sequence where it does not (5.17). ALiBi distances
+    are the row's, which inside a document differ from the document's own by a constant per row."""
     torch.manual_seed(0)
-    model = FalconForCausalLM(FalconConfig(**{**DECODER, "num_kv_heads": 2}, new_decoder_architecture=True,
-                                           parallel_attn=True, bias=False, alibi=False)).to(device).eval()
+    config = {key: value for key, value in DECODER.items() if key != "num_key_value_heads"}
+    model = FalconForCausalLM(FalconConfig(**config, **layout)).to(device).eval()
     input_ids, position_ids = packed_batch(MODEL_LENGTHS, device)
     with torch.no_grad():
         stock = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
