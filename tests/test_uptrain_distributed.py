@@ -91,18 +91,33 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(run_inputs, one_proces
     accelerate switches FSDP on only for GPU-like launches, so the worker switches it on by hand
     on the CPU (`_fsdp_on_cpu`); everything after that is accelerate's FSDP2 path, as on GPUs.
     """
-    fsdp_env = {k: v for k, v in launcher_env("fsdp").items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
     settings = dict(batch_size=1, **run_inputs, **{**COMMON, "gradient_checkpointing": True})
-    whole = launch(tmp_path / "whole", dict(settings, save_every=2), env=fsdp_env)
+    whole = launch(tmp_path / "whole", dict(settings, save_every=2), env=fsdp2_env())
     assert whole["sharding"] == "FSDP2 (SHARDED_STATE_DICT)"
     assert_same_losses(whole["losses"], one_process.losses, rel=1e-5)
     assert_same_weights(Path(whole["final_dir"]), one_process.final_dir, atol=1e-5)  # from_pretrained loads it
     step2 = tmp_path / "whole" / "checkpoints" / "step-0000002"
     assert {"pytorch_model_fsdp_0", "optimizer_0", "trainer_state.json"} <= {p.name for p in step2.iterdir()}
 
-    resumed = launch(tmp_path / "resumed", dict(settings, resume=str(step2)), env=fsdp_env)
+    resumed = launch(tmp_path / "resumed", dict(settings, resume=str(step2)), env=fsdp2_env())
     assert_same_losses(resumed["losses"], whole["losses"], rel=1e-6)
     assert_same_weights(Path(resumed["final_dir"]), Path(whole["final_dir"]), atol=1e-7)
+
+
+def test_fsdp2_bf16_stays_near_float32_and_saves_float32(run_inputs, one_process, tmp_path):
+    """bf16 mixed precision under FSDP2 (parameters gathered and gradients reduced in bf16, kernel
+    inputs in bf16): a smoke check against the float32 run, and final/ holds the float32 master
+    weights."""
+    from safetensors import safe_open
+
+    settings = dict(batch_size=1, **run_inputs, **{**COMMON, "mixed_precision": "bf16", "max_steps": 2})
+    run = launch(tmp_path / "bf16", settings, env=fsdp2_env())
+    assert run["sharding"] == "FSDP2 (SHARDED_STATE_DICT)"
+    float32 = one_process.losses[:2]  # their learning rates (warm-up, the cosine's start) ignore max_steps
+    assert [loss for _, loss in run["losses"]] != [loss for _, loss in float32]  # bf16 changed the arithmetic
+    assert_same_losses(run["losses"], float32, rel=1e-2)
+    with safe_open(Path(run["final_dir"]) / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}
 
 
 def test_a_checkpoint_resumes_only_under_the_kind_that_wrote_it(tmp_path):
@@ -171,6 +186,11 @@ def launcher_env(config: str) -> dict:
                                                                          f"{config}.yaml"), "examples/uptrain.py"])
     args, _, _ = _validate_launch_command(args)
     return prepare_multi_gpu_env(args)
+
+
+def fsdp2_env() -> dict:
+    """The FSDP variables of examples/accelerate/fsdp.yaml (its bf16 is left to each run's mixed_precision)."""
+    return {k: v for k, v in launcher_env("fsdp").items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
 
 
 def assert_same_losses(actual, expected, rel: float) -> None:
@@ -245,6 +265,8 @@ def _fsdp_on_cpu() -> None:
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
+            if self._mixed_precision != "no":  # as AcceleratorState does for GPU launches
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             accelerate_state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     accelerate_state.AcceleratorState.__init__ = init
