@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import warnings
+
 import pytest
 import torch
 from transformers import (
@@ -256,8 +258,9 @@ def test_attention_dropout_in_training_falls_back_with_a_warning(build, field, d
     assert relative_error(patched_logits[real], stock_logits[real]) < 1e-4
 
 
-def test_packed_sequences_fall_back_to_stock_sdpa(device):
-    """Several sequences in one row (position_ids restart, no mask): stock answers, with a warning."""
+def test_packed_sequences_match_stock_without_a_fallback_warning(device):
+    """Several sequences in one row (position_ids restart, no mask): stock's answer, now from the
+    kernel with document ids (tests/test_packed.py covers them in depth), not the sdpa fallback."""
     torch.manual_seed(0)
     model = llama().to(device).eval()
     input_ids = torch.randint(1, VOCAB, (1, 7), device=device)
@@ -265,6 +268,7 @@ def test_packed_sequences_fall_back_to_stock_sdpa(device):
     with torch.no_grad():
         expected = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         patch_model(model)
-        with pytest.warns(UserWarning, match="packed sequences"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             actual = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
     assert relative_error(actual, expected) < 1e-4
