@@ -449,10 +449,14 @@ def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, docs,
 def _document_of(docs, offs, ok, HAS_DOCS: tl.constexpr):
     """Per position in offs, the first position of its document and one past its last (docs:
     this row's (N, 2) bounds). Without documents: offs twice, unused, of the same type."""
-    if not HAS_DOCS:
-        return offs, offs
-    first = tl.load(docs + 2 * offs, mask=ok, other=0)
-    end = tl.load(docs + 2 * offs + 1, mask=ok, other=0)
+    # if/else, not an early return: compiled Triton generates the code after a return in a
+    # constexpr branch too, and without documents `docs` is None there.
+    if HAS_DOCS:
+        first = tl.load(docs + 2 * offs, mask=ok, other=0)
+        end = tl.load(docs + 2 * offs + 1, mask=ok, other=0)
+    else:
+        first = offs
+        end = offs
     return first, end
 
 
@@ -515,7 +519,9 @@ def _fwd_kernel(
 
     first_pos = pid_m * BLOCK_M + shift
     last_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
-    docs = Docs
+    # Without documents `docs` is never read, but it travels in argument tuples, which compiled
+    # Triton builds only from typed values: any pointer will do (None would not compile).
+    docs = Q
     if HAS_DOCS:
         docs = Docs + b * k_len * 2
     row_first, row_end = _document_of(docs, offs_m, row_ok, HAS_DOCS)
@@ -670,7 +676,9 @@ def _bwd_dkdv_kernel(
     if HAS_LEFT:
         hi = tl.minimum(hi, last_key + left + 1 - shift)
         full_hi = tl.minimum(full_hi, first_key + left + 1 - shift)
-    docs = Docs
+    # Without documents `docs` is never read, but it travels in argument tuples, which compiled
+    # Triton builds only from typed values: any pointer will do (None would not compile).
+    docs = Q
     if HAS_DOCS:  # queries == keys here: the mirror of _key_ranges
         docs = Docs + b * k_len * 2
         lo = tl.maximum(lo, tl.load(docs + 2 * first_key))
@@ -799,7 +807,9 @@ def _bwd_dq_kernel(
 
     first_pos = pid_m * BLOCK_M + shift
     last_pos = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1 + shift
-    docs = Docs
+    # Without documents `docs` is never read, but it travels in argument tuples, which compiled
+    # Triton builds only from typed values: any pointer will do (None would not compile).
+    docs = Q
     if HAS_DOCS:
         docs = Docs + b * k_len * 2
     row_first, row_end = _document_of(docs, offs_m, row_ok, HAS_DOCS)
