@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import environment  # noqa: E402
 from generate import FULL, build, provider_context, random_prompts  # noqa: E402
+from host_overhead import per_call_us  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -263,15 +264,7 @@ def pieces(model, device) -> dict:
             return f"{type(exc).__name__}: {exc}"[:200]
 
     def _per_call(fn, calls):
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        host = time.perf_counter() - start
-        torch.cuda.synchronize()
-        return round(host / calls * 1e6, 1)
+        return round(per_call_us(fn, calls), 1)
 
     rows = {}
     with torch.no_grad():

@@ -11,6 +11,7 @@ import uuid
 from importlib.metadata import version
 from pathlib import Path
 
+from .._files import fsync_path
 from .calibration import CalibrationInput, collect_statistics, prepare_calibration
 from .errors import ConversionError
 from .families import plan_conversion
@@ -256,8 +257,8 @@ def _check_free_space(folder: Path, source: SourceCheckpoint) -> None:
 def _flush_to_disk(folder: Path) -> None:
     """fsync every file, then every folder, so that a crash after the rename cannot leave empty shards."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync(path)
-    _fsync(folder)
+        fsync_path(path)
+    fsync_path(folder)
 
 
 def _move_into_place(staging: Path, destination: Path, overwrite: bool) -> None:
@@ -276,15 +277,7 @@ def _move_into_place(staging: Path, destination: Path, overwrite: bool) -> None:
         shutil.rmtree(replaced, ignore_errors=True)  # the new checkpoint is in place; a rerun cleans any rest
     else:
         staging.rename(destination)
-    _fsync(destination.parent)  # makes the rename itself durable
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_path(destination.parent)  # makes the rename itself durable
 
 
 def _report(

@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._files import fsync_path
+
 __all__ = ["STATE_NAME", "CHECKPOINTS", "FINAL", "ResumePoint", "find_resume_point", "check_output_dir",
            "check_resume", "check_same_model", "model_fingerprint", "prepare_output_dir", "save_checkpoint",
            "save_final"]
@@ -166,7 +168,7 @@ def save_final(model, tokenizer, output_dir: Path, state_dict: dict | None = Non
     if final.exists():
         final.rename(old)
     partial.rename(final)
-    _fsync(output_dir)
+    fsync_path(output_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -205,19 +207,11 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _flush(folder: Path) -> None:
     """fsync every file and folder under folder: the data is on disk before the mark that says so."""
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        _fsync(path)
-    _fsync(folder)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        fsync_path(path)
+    fsync_path(folder)
