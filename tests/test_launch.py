@@ -51,3 +51,36 @@ def test_direct_launches_match_the_reference_as_a_cache_grows():
     after = _launch.fast_launch_stats()
     assert after["disabled"] is None
     assert after["fast"] - before["fast"] >= 30
+
+
+def test_repeat_launches_skip_tritons_run(monkeypatch):
+    """The cause found in issue 12: Triton's per-call bookkeeping. After the first launch of a
+    specialisation, launches go to the compiled kernel; a new specialisation goes back to Triton."""
+    monkeypatch.setattr(_launch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+    monkeypatch.setattr(_launch, "_disabled_reason", None)
+    direct = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *params: direct.append((grid, params))
+
+    class Kernel:
+        arg_names = ["X", "n", "BLOCK"]
+        runs = 0
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                Kernel.runs += 1
+                return Compiled()
+            return run
+
+    kernel, x = Kernel(), torch.zeros(64)
+    grid = lambda meta: (4 // meta["BLOCK"],)  # noqa: E731
+    for _ in range(3):
+        _launch.launch(kernel, grid, (x, 32), {"BLOCK": 2, "num_warps": 4})
+    assert Kernel.runs == 1 and len(direct) == 2
+    assert direct[0] == ((2, 1, 1), (x, 32, 2))  # every parameter in signature order, no options
+    _launch.launch(kernel, grid, (x, 1), {"BLOCK": 2, "num_warps": 4})  # n == 1: Triton specialises
+    assert Kernel.runs == 2
