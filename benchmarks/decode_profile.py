@@ -204,7 +204,6 @@ def profile_provider(model, inputs, steps, provider) -> dict:
 def labelled(record_function):
     """record_function around our mask entry, attention entry, checks and launch (this script only)."""
     from hf_attn_patch.kernels import _flash_triton, flash as flash_module
-    from hf_attn_patch.models import _interface
 
     def wrap(owner, name, label):
         original = getattr(owner, name)

@@ -22,8 +22,6 @@ Differences from the stock forward, on purpose:
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from transformers.models.falcon.modeling_falcon import (
