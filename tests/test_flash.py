@@ -44,16 +44,23 @@ def random_holes_mask(batch, k_len, device, seed=0):
     return mask.to(device=device, dtype=torch.int64)
 
 
-def check_against_reference(q, k, v, **options):
-    """Run kernel and reference on the same inputs and upstream gradient; compare all four."""
-    dtype = q.dtype
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+def kernel_and_reference(kernel_inputs, reference_inputs, **options):
+    """flash_attention on kernel_inputs and the reference on reference_inputs (q, k, v each),
+    with one random upstream gradient: (out, grads, expected, expected_grads)."""
+    leaves = [t.detach().clone().requires_grad_() for t in kernel_inputs]
+    ref_leaves = [t.detach().clone().requires_grad_() for t in reference_inputs]
     out = flash_attention(*leaves, **options)
     expected = attention_reference(*ref_leaves, **options)
     grad_out = torch.randn_like(expected)
     grads = torch.autograd.grad(out, leaves, grad_out)
     expected_grads = torch.autograd.grad(expected, ref_leaves, grad_out)
+    return out, grads, expected, expected_grads
+
+
+def check_against_reference(q, k, v, **options):
+    """Run kernel and reference on the same inputs and upstream gradient; compare all four."""
+    dtype = q.dtype
+    out, grads, expected, expected_grads = kernel_and_reference((q, k, v), (q, k, v), **options)
 
     assert out.shape == expected.shape and out.dtype == dtype
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from hf_attn_patch.kernels import (
-    SUPPORTED_HEAD_DIMS, _flash_triton, _paged_triton, attention_reference, flash_attention,
+    SUPPORTED_HEAD_DIMS, _flash_triton, _paged_triton,
     paged_attention, write_to_pages,
 )
 from hf_attn_patch.kernels.reference import paged_attention_reference
 from tests.helpers import relative_error
-from tests.test_flash import make_inputs
+from tests.test_flash import kernel_and_reference, make_inputs
 from tests.test_paged import make_paged_inputs
 
 NAN = float("nan")
@@ -156,13 +156,7 @@ def check_nan_keys_contribute_nothing(q, k, v, hidden, **options):
     and match the reference on finite values there; the hidden keys' dK and dV are zeros."""
     nan_k = k.masked_fill(hidden[:, None, :, None], NAN)
     nan_v = v.masked_fill(hidden[:, None, :, None], NAN)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, nan_k, nan_v)]
-    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out = flash_attention(*leaves, **options)
-    expected = attention_reference(*ref_leaves, **options)
-    grad_out = torch.randn_like(expected)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    expected_grads = torch.autograd.grad(expected, ref_leaves, grad_out)
+    out, grads, expected, expected_grads = kernel_and_reference((q, nan_k, nan_v), (q, k, v), **options)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (expected, *expected_grads)):
         assert torch.isfinite(got).all(), f"{name} is not finite"
         assert relative_error(got, want) < 1e-4, name
