@@ -13,6 +13,13 @@ Semantics (DESIGN.md, "The one attention call"):
 * doc_ids: (B, N) with Nq == Nk, packed documents: each run of equal ids in a row is one
   document, and key j is visible to query i only inside the same run (on top of the rest).
   Positions stay those of the row, so ALiBi distances are the documents' own.
+* sinks: an int S >= 0, attention sinks (StreamingLLM): keys at positions j < S stay visible
+  whatever the window says; causality, padding and documents still apply. With no window every
+  key is already visible and S changes nothing. Not combined with doc_ids.
+* sink_logits: (Hq,) a learned per-head logit that joins the softmax denominator as one more
+  score with a zero value vector: out_i = sum_j exp(s_ij) v_j / (exp(sink_h) + sum_j exp(s_ij)).
+  It takes mass away from the keys; it is differentiable. A row that sees no key still returns
+  zeros (all its mass goes to the sink).
 * A row that sees no key returns zeros. The softmax runs in float32 (float64 for float64 inputs).
 
 It is slow and memory-hungry (it builds the full score matrix) and is meant for tests.
@@ -34,6 +41,8 @@ def attention_reference(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
+    sinks: int = 0,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention as DESIGN.md defines it; differentiable, returns q's dtype."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -54,7 +63,7 @@ def attention_reference(
     if alibi_slopes is not None:
         scores = scores - alibi_slopes.to(compute_dtype)[None, :, None, None] * distance
 
-    visible = visibility(distance, causal=causal, window=window)[None, None]
+    visible = visibility(distance, causal=causal, window=window, sinks=sinks, key_pos=key_pos)[None, None]
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.bool()[:, None, None, :]
     if doc_ids is not None:
@@ -66,20 +75,34 @@ def attention_reference(
     scores = scores.masked_fill(~visible, float("-inf"))
     # Rows that see nothing: give softmax finite scores, then zero the result (no NaN, no NaN grad).
     scores = torch.where(row_sees_something, scores, torch.zeros_like(scores))
-    probs = torch.softmax(scores, dim=-1) * row_sees_something
+    if sink_logits is None:
+        probs = torch.softmax(scores, dim=-1) * row_sees_something
+    else:
+        # One more column per head holding the sink's logit; its probability multiplies no value.
+        sink_column = sink_logits.to(compute_dtype)[None, :, None, None].expand(batch, q_heads, q_len, 1)
+        probs = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)[..., :-1]
+        probs = probs * row_sees_something
     return torch.einsum("bhqk,bhkd->bhqd", probs, v).to(q.dtype)
 
 
 def visibility(
-    distance: torch.Tensor, *, causal: bool, window: int | tuple[int, int] | None
+    distance: torch.Tensor,
+    *,
+    causal: bool,
+    window: int | tuple[int, int] | None,
+    sinks: int = 0,
+    key_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean (Nq, Nk) mask of visible pairs, from distance = pos(i) - j."""
+    """Boolean (Nq, Nk) mask of visible pairs, from distance = pos(i) - j and, for sinks, the
+    keys' positions j (key_pos, (Nk,))."""
     visible = torch.ones_like(distance, dtype=torch.bool)
-    if causal:
-        visible &= distance >= 0
     if window is not None:
         left, right = window_bounds(window)
         visible &= (distance <= left) & (distance >= -right)
+        if sinks > 0:
+            visible |= (key_pos < sinks)[None, :]
+    if causal:
+        visible &= distance >= 0
     return visible
 
 
@@ -106,13 +129,17 @@ def paged_attention_reference(
     window: int | tuple[int, int] | None = None,
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
+    sinks: int = 0,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged cache: gather each sequence's pages, then attention_reference.
 
     q: (B, Hq, D), one new token per sequence, standing at the last of its seq_lens[b] positions.
     k_pages, v_pages: (num_blocks, block_size, Hkv, D). block_table: (B, max_blocks), logical
     block i of sequence b lives in physical block block_table[b, i]; token t sits in slot
-    t % block_size of logical block t // block_size. Entries the window excludes are never read.
+    t % block_size of logical block t // block_size. Entries the window excludes are never read;
+    with sinks=S the first S positions are read too (streaming: the blocks between them and the
+    window may have been given back). sink_logits as in `attention_reference`.
     Positions with no block to read (past the table's width, or an entry outside
     [0, num_blocks)) are masked: they contribute nothing. A sequence of length 0 returns zeros.
     Returns (B, Hq, D) in q's dtype.
@@ -129,8 +156,10 @@ def paged_attention_reference(
         if window is not None:
             left, _ = window_bounds(window)
             first = max(0, length - 1 - left)
-        # Only gather what the window can see: blocks before it may have been given back.
+        # Only gather what the window (and the sinks) can see: blocks between may have been given back.
         positions = torch.arange(first, length, device=q.device)
+        sink_positions = torch.arange(min(sinks, first), device=q.device)
+        positions = torch.cat([sink_positions, positions])
         logical = positions // block_size
         physical = block_table[b, logical.clamp(max=width - 1)].long()
         real = (logical < width) & (physical >= 0) & (physical < num_blocks)
@@ -139,10 +168,31 @@ def paged_attention_reference(
         k = k_pages[physical, slots].permute(1, 0, 2)[None]  # (1, Hkv, n, D)
         v = v_pages[physical, slots].permute(1, 0, 2)[None]
         v = torch.where(real[None, None, :, None], v, torch.zeros_like(v))  # 0 * NaN would be NaN
-        # The query stands at position length - 1; keys start at `first`, so distances match.
-        out = attention_reference(
-            q[b][None, :, None], k, v, causal=True, window=window,
-            key_padding_mask=real[None], alibi_slopes=alibi_slopes, scale=scale,
+        # Keys are not contiguous when sinks sit apart from the window, so the mask is built here
+        # (the window, causality and missing blocks) and ALiBi from the true distances.
+        out = _decode_reference(
+            q[b], k[0], v[0], distance=length - 1 - positions, visible=real,
+            alibi_slopes=alibi_slopes, scale=scale, sink_logits=sink_logits,
         )
-        outputs.append(out[0, :, 0])
+        outputs.append(out)
     return torch.stack(outputs)
+
+
+def _decode_reference(q, k, v, *, distance, visible, alibi_slopes, scale, sink_logits):
+    """One query per head (Hq, D) over gathered keys (Hkv, n, D) at the given distances."""
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_heads, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    group = q_heads // k.shape[0]
+    k = k.to(compute_dtype).repeat_interleave(group, dim=0)
+    v = v.to(compute_dtype).repeat_interleave(group, dim=0)
+    scores = torch.einsum("hd,hkd->hk", q.to(compute_dtype), k) * scale
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.to(compute_dtype)[:, None] * distance.to(compute_dtype)[None, :]
+    scores = scores.masked_fill(~visible[None, :], float("-inf"))
+    if sink_logits is not None:
+        scores = torch.cat([scores, sink_logits.to(compute_dtype)[:, None]], dim=-1)
+    if not bool(visible.any()):
+        return torch.zeros_like(q)
+    probs = torch.softmax(scores, dim=-1)[:, : k.shape[1]]
+    return torch.einsum("hk,hkd->hd", probs, v).to(q.dtype)
