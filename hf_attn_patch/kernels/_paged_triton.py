@@ -20,6 +20,16 @@ No load leaves its tensor, whatever the values of `seq_lens` and `block_table`: 
 the table's width (`context_bound`), and a position whose table entry is not a block of the
 pool (EVICTED, negative, >= num_blocks) is masked like a key outside the window. Both cost a
 few scalar or per-key integer compares, nothing per element of K or V.
+
+Attention sinks (compile-time switches, off by default, so plain decode compiles as before):
+
+* HAS_SINKS: with a window, keys [0, min(sinks, first window position)) stay visible. A
+  partition then reads at most two ranges, the sinks' and the window's, through the same online
+  softmax; the blocks between them are never read (a streaming cache has given them back).
+  The merge reads the partitions holding sinks and those holding the window, each once.
+* HAS_SINK_LOGITS: one more term exp(sink_h - max) in each row's softmax denominator, added
+  exactly once per row: by the single partition when there is one, else by the merge (the
+  partitions' sums never include it).
 """
 
 from __future__ import annotations
@@ -53,10 +63,14 @@ def decode(
     scale: float,
     partition_size: int | None = None,
     launch: LaunchConfig | None = None,
+    sinks: int = 0,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the decode kernels; inputs are checked by the caller. Returns (B, Hq, D).
 
     partition_size and launch override the defaults (benchmarks sweep them to tune those).
+    sinks: keys [0, sinks) stay visible beside the window (no effect without one).
+    sink_logits: (Hq,) float32, the learned per-head sink logits, or None.
     """
     batch, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_pages.shape
@@ -82,8 +96,12 @@ def decode(
         BLOCK_N=block_n,
         HAS_ALIBI=alibi_slopes is not None,
         IEEE_DOT=q.dtype == torch.float32,
+        # Without a window every key is visible already: sinks change nothing.
+        HAS_SINKS=sinks > 0 and window_left >= 0,
+        HAS_SINK_LOGITS=sink_logits is not None,
     )
     slopes = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
+    sink_values = sink_logits if sink_logits is not None else q.new_empty(0, dtype=torch.float32)
     if single:
         part_max = part_sum = part_out = out  # unused when SINGLE_PARTITION
     else:
@@ -92,11 +110,11 @@ def decode(
         part_out = q.new_empty((batch, q_heads, num_partitions, head_dim), dtype=torch.float32)
 
     _decode_partition_kernel[(batch * kv_heads, num_partitions)](
-        q, k_pages, v_pages, block_table, seq_lens, slopes,
+        q, k_pages, v_pages, block_table, seq_lens, slopes, sink_values,
         out, part_max, part_sum, part_out,
         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
         *out.stride(),
-        kv_heads, num_partitions, partition_size, window_left, scale * LOG2E,
+        kv_heads, num_partitions, partition_size, window_left, sinks, scale * LOG2E,
         context_bound, k_pages.shape[0],
         SINGLE_PARTITION=single,
         num_warps=launch.num_warps,
@@ -105,12 +123,14 @@ def decode(
     )
     if not single:
         _merge_partitions_kernel[(batch * q_heads,)](
-            part_max, part_sum, part_out, seq_lens, out,
+            part_max, part_sum, part_out, seq_lens, sink_values, out,
             *out.stride(),
-            q_heads, num_partitions, partition_size, window_left, context_bound,
+            q_heads, num_partitions, partition_size, window_left, sinks, context_bound,
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=meta["HEAD_DIM_PAD"],
             BLOCK_P=min(32, triton.next_power_of_2(num_partitions)),
+            HAS_SINKS=meta["HAS_SINKS"],
+            HAS_SINK_LOGITS=meta["HAS_SINK_LOGITS"],
             num_warps=4,
         )
     return out
@@ -206,14 +226,14 @@ def _dot(a, b, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def _decode_partition_kernel(
-    Q, K_pages, V_pages, Block_table, Seq_lens, Alibi_slopes,
+    Q, K_pages, V_pages, Block_table, Seq_lens, Alibi_slopes, Sink_logits,
     Out, Part_max, Part_sum, Part_out,
     stride_qb, stride_qh, stride_qd,
     stride_kn, stride_ks, stride_kh, stride_kd,
     stride_vn, stride_vs, stride_vh, stride_vd,
     stride_tb, stride_tc,
     stride_ob, stride_oh, stride_od,
-    kv_heads, num_partitions, partition_size, window_left, scale_log2, context_bound, num_blocks,
+    kv_heads, num_partitions, partition_size, window_left, sinks, scale_log2, context_bound, num_blocks,
     GROUP: tl.constexpr,
     GROUP_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -223,6 +243,8 @@ def _decode_partition_kernel(
     HAS_ALIBI: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     SINGLE_PARTITION: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    HAS_SINK_LOGITS: tl.constexpr,
 ):
     seq_head = tl.program_id(0)
     partition = tl.program_id(1)
@@ -233,9 +255,16 @@ def _decode_partition_kernel(
     query_pos = seq_len - 1
     first_visible = tl.where(window_left >= 0, tl.maximum(query_pos - window_left, 0), 0)
     part_start = partition * partition_size
+    part_end = part_start + partition_size
     lo = tl.maximum(part_start, first_visible)
     # Keys past the table's width have no entry to read: seq_lens too large for the table.
-    hi = tl.minimum(tl.minimum(part_start + partition_size, seq_len), context_bound)
+    hi = tl.minimum(tl.minimum(part_end, seq_len), context_bound)
+    has_keys = lo < hi
+    sink_hi = part_start  # the sinks' keys in this partition: [part_start, sink_hi), none without sinks
+    if HAS_SINKS:
+        # Wholly before the window: blocks between the sinks and the window are never read.
+        sink_hi = tl.minimum(tl.minimum(tl.minimum(sinks, first_visible), part_end), context_bound)
+        has_keys = has_keys | (part_start < sink_hi)
 
     rows = tl.arange(0, GROUP_ROWS)
     row_ok = rows < GROUP
@@ -244,25 +273,34 @@ def _decode_partition_kernel(
     dim_ok = dims < HEAD_DIM
 
     if SINGLE_PARTITION:
-        acc, _, row_sum = _attend_range(
+        acc, row_max, row_sum = _attend_partition(
             Q, K_pages, V_pages, Block_table, Alibi_slopes,
             stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
             stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
-            batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2, num_blocks,
-            GROUP_ROWS, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, IEEE_DOT,
+            batch, kv_head, heads, row_ok, dims, dim_ok, part_start, sink_hi, lo, hi, query_pos,
+            scale_log2, num_blocks,
+            GROUP_ROWS, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, IEEE_DOT, HAS_SINKS,
         )
+        if HAS_SINK_LOGITS:
+            # The whole row is here: its sink term joins the denominator once, now.
+            sink = tl.load(Sink_logits + heads, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            new_max = tl.maximum(row_max, sink)
+            correction = tl.exp2(row_max - new_max)
+            acc = acc * correction[:, None]
+            row_sum = row_sum * correction + tl.exp2(sink - new_max)
         # An empty sequence has row_sum == 0 and acc == 0: its output is zeros.
         out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
         out_ptrs = Out + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     else:
-        if lo < hi:
-            acc, row_max, row_sum = _attend_range(
+        if has_keys:
+            acc, row_max, row_sum = _attend_partition(
                 Q, K_pages, V_pages, Block_table, Alibi_slopes,
                 stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
                 stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
-                batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2, num_blocks,
-                GROUP_ROWS, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, IEEE_DOT,
+                batch, kv_head, heads, row_ok, dims, dim_ok, part_start, sink_hi, lo, hi, query_pos,
+                scale_log2, num_blocks,
+                GROUP_ROWS, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, IEEE_DOT, HAS_SINKS,
             )
             # Partition buffers are contiguous (B, Hq, P[, D]).
             stat_offs = (batch * kv_heads * GROUP + heads) * num_partitions + partition
@@ -273,11 +311,54 @@ def _decode_partition_kernel(
 
 
 @triton.jit
+def _attend_partition(
+    Q, K_pages, V_pages, Block_table, Alibi_slopes,
+    stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
+    stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
+    batch, kv_head, heads, row_ok, dims, dim_ok, sink_lo, sink_hi, lo, hi, query_pos,
+    scale_log2, num_blocks,
+    GROUP_ROWS: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+):
+    """One partition's keys: the sinks' [sink_lo, sink_hi) (HAS_SINKS), then the window's
+    [lo, hi), through one online softmax. Returns the unnormalised output, the max (log2 units) and the sum."""
+    # A finite floor, not -inf: a step whose keys are all masked (table entries outside the
+    # pool) then leaves the max finite, and exp2(max - new_max) never computes -inf - -inf.
+    row_max = tl.full([GROUP_ROWS], -1.0e30, dtype=tl.float32)
+    row_sum = tl.zeros([GROUP_ROWS], dtype=tl.float32)
+    acc = tl.zeros([GROUP_ROWS, HEAD_DIM_PAD], dtype=tl.float32)
+    if HAS_SINKS:
+        acc, row_max, row_sum = _attend_range(
+            Q, K_pages, V_pages, Block_table, Alibi_slopes,
+            stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
+            stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
+            batch, kv_head, heads, row_ok, dims, dim_ok, sink_lo, sink_hi, query_pos, scale_log2,
+            num_blocks, acc, row_max, row_sum,
+            GROUP_ROWS, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, IEEE_DOT,
+        )
+    acc, row_max, row_sum = _attend_range(
+        Q, K_pages, V_pages, Block_table, Alibi_slopes,
+        stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
+        stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
+        batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2,
+        num_blocks, acc, row_max, row_sum,
+        GROUP_ROWS, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, HAS_ALIBI, IEEE_DOT,
+    )
+    return acc, row_max, row_sum
+
+
+@triton.jit
 def _attend_range(
     Q, K_pages, V_pages, Block_table, Alibi_slopes,
     stride_qb, stride_qh, stride_qd, stride_kn, stride_ks, stride_kh, stride_kd,
     stride_vn, stride_vs, stride_vh, stride_vd, stride_tb, stride_tc,
     batch, kv_head, heads, row_ok, dims, dim_ok, lo, hi, query_pos, scale_log2, num_blocks,
+    acc, row_max, row_sum,
     GROUP_ROWS: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -285,21 +366,15 @@ def _attend_range(
     HAS_ALIBI: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
-    """Online softmax over keys [lo, hi) of one sequence for one KV head's query group.
+    """Online softmax over keys [lo, hi) of one sequence for one KV head's query group,
+    continuing the state (acc, row_max, row_sum) it is given; returns the new state.
 
-    Returns the unnormalised output (rows, D), the running max (log2 units) and the sum.
     Scores are scaled by scale * log2(e) once so the loop uses exp2.
     """
     q_ptrs = Q + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if HAS_ALIBI:
         slopes = tl.load(Alibi_slopes + heads, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-
-    # A finite floor, not -inf: a step whose keys are all masked (table entries outside the
-    # pool) then leaves the max finite, and exp2(max - new_max) never computes -inf - -inf.
-    row_max = tl.full([GROUP_ROWS], -1.0e30, dtype=tl.float32)
-    row_sum = tl.zeros([GROUP_ROWS], dtype=tl.float32)
-    acc = tl.zeros([GROUP_ROWS, HEAD_DIM_PAD], dtype=tl.float32)
 
     # Steps are aligned to BLOCK_N. Masked keys load as zeros, so whatever a pool slot outside
     # the sequence holds (a fresh torch.empty pool can hold NaN) never reaches the output.
@@ -338,14 +413,17 @@ def _attend_range(
 
 @triton.jit
 def _merge_partitions_kernel(
-    Part_max, Part_sum, Part_out, Seq_lens, Out,
+    Part_max, Part_sum, Part_out, Seq_lens, Sink_logits, Out,
     stride_ob, stride_oh, stride_od,
-    q_heads, num_partitions, partition_size, window_left, context_bound,
+    q_heads, num_partitions, partition_size, window_left, sinks, context_bound,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    HAS_SINK_LOGITS: tl.constexpr,
 ):
-    """Combine the partitions of one (sequence, query head): rescale to the global max, sum."""
+    """Combine the partitions of one (sequence, query head): rescale to the global max, sum.
+    The sink logit, if any, joins the sum here, once."""
     seq_head = tl.program_id(0)
     batch = seq_head // q_heads
     head = seq_head % q_heads
@@ -357,6 +435,14 @@ def _merge_partitions_kernel(
     key_end = tl.minimum(seq_len, context_bound)
     first_part = first_visible // partition_size
     end_part = tl.where(key_end > first_visible, (key_end - 1) // partition_size + 1, first_part)
+    # With sinks, also the partitions [0, sink_parts) that hold sinks and lie before the window's
+    # first one: the loops run over index i < count, partition i before sink_parts, then the
+    # window's partitions.
+    sink_parts = 0
+    if HAS_SINKS:
+        sink_end = tl.minimum(tl.minimum(sinks, first_visible), context_bound)
+        sink_parts = tl.minimum((sink_end + partition_size - 1) // partition_size, first_part)
+    count = sink_parts + end_part - first_part
 
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < HEAD_DIM
@@ -365,16 +451,21 @@ def _merge_partitions_kernel(
     outs = Part_out + seq_head.to(tl.int64) * num_partitions * HEAD_DIM
 
     max_seen = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
-    for p0 in range(first_part, end_part, BLOCK_P):
-        parts = p0 + tl.arange(0, BLOCK_P)
-        max_seen = tl.maximum(max_seen, tl.load(stats + parts, mask=parts < end_part, other=float("-inf")))
+    for i0 in range(0, count, BLOCK_P):
+        index = i0 + tl.arange(0, BLOCK_P)
+        parts = tl.where(index < sink_parts, index, index - sink_parts + first_part)
+        max_seen = tl.maximum(max_seen, tl.load(stats + parts, mask=index < count, other=float("-inf")))
     global_max = tl.max(max_seen, axis=0)
+    if HAS_SINK_LOGITS:
+        sink = tl.load(Sink_logits + head).to(tl.float32) * 1.4426950408889634
+        global_max = tl.maximum(global_max, sink)
 
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc = tl.zeros([BLOCK_P, HEAD_DIM_PAD], dtype=tl.float32)
-    for p0 in range(first_part, end_part, BLOCK_P):
-        parts = p0 + tl.arange(0, BLOCK_P)
-        part_ok = parts < end_part
+    for i0 in range(0, count, BLOCK_P):
+        index = i0 + tl.arange(0, BLOCK_P)
+        parts = tl.where(index < sink_parts, index, index - sink_parts + first_part)
+        part_ok = index < count
         part_max = tl.load(stats + parts, mask=part_ok, other=float("-inf"))
         weight = tl.where(part_ok, tl.exp2(part_max - global_max), 0.0)
         total += weight * tl.load(sums + parts, mask=part_ok, other=0.0)
@@ -382,6 +473,8 @@ def _merge_partitions_kernel(
                           mask=part_ok[:, None] & dim_ok[None, :], other=0.0)
         acc += weight[:, None] * partial
     row_sum = tl.sum(total, axis=0)
+    if HAS_SINK_LOGITS:
+        row_sum += tl.exp2(sink - global_max)
     out = tl.sum(acc, axis=0) / tl.where(row_sum > 0, row_sum, 1.0)
     out_ptrs = Out + batch * stride_ob + head * stride_oh + dims * stride_od
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=dim_ok)

@@ -44,6 +44,8 @@ def paged_attention(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     validate: bool | None = None,
+    sinks: int = 0,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged K/V.
 
@@ -53,7 +55,13 @@ def paged_attention(
     scale defaults to D ** -0.5. Returns (B, Hq, D) in q's dtype; a sequence of length 0 gives
     zeros.
 
-    Entries the window excludes are never read (they may be -1, blocks given back to the pool).
+    sinks: an int S >= 0, attention sinks (StreamingLLM): with a window, the keys at positions
+    [0, min(S, first window position)) stay visible too; without a window S changes nothing.
+    sink_logits: (Hq,) floating point, a learned per-head logit that joins each row's softmax
+    denominator once (exp(sink_h) with a zero value vector); forward only.
+
+    Entries the window excludes are never read (they may be -1, blocks given back to the pool);
+    with sinks, neither are those between the sinks and the window (a streaming cache's).
     Out-of-range values are masked, never read: positions past the table's width
     (seq_lens[b] > max_blocks * block_size) and positions whose entry is not in
     [0, num_blocks) contribute nothing, as if outside the window; a row left with no key
@@ -61,15 +69,19 @@ def paged_attention(
     the first bad one; None (the default) checks CPU tensors only, since on a GPU the check
     would stall the decode step on a device-to-host sync.
     """
-    check_paged_inputs(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes=alibi_slopes)
+    check_paged_inputs(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes=alibi_slopes,
+                       sinks=sinks, sink_logits=sink_logits)
     left, _ = window_reach(True, window)
+    sinks = int(sinks) if left >= 0 else 0  # without a window every key is visible already
     if _should_validate(validate, block_table, seq_lens):
-        check_paged_values(k_pages, block_table, seq_lens, left)
+        check_paged_values(k_pages, block_table, seq_lens, left, sinks)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(torch.float32)
+    if sink_logits is not None:
+        sink_logits = sink_logits.to(torch.float32)
     return torch.ops.hf_attn_patch.paged_attention(
-        q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, left, scale
+        q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, left, scale, sinks, sink_logits
     )
 
 
@@ -107,6 +119,8 @@ def check_paged_inputs(
     seq_lens: torch.Tensor,
     *,
     alibi_slopes: torch.Tensor | None,
+    sinks: int = 0,
+    sink_logits: torch.Tensor | None = None,
 ) -> None:
     """Shapes, dtypes and devices for `paged_attention`; a ValueError says what to change."""
     if q.dim() != 3:
@@ -142,14 +156,25 @@ def check_paged_inputs(
         if not alibi_slopes.is_floating_point():
             raise ValueError(f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
         extra.append(alibi_slopes)
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0 (the first positions kept visible), got {sinks!r}")
+    if sink_logits is not None:
+        if not isinstance(sink_logits, torch.Tensor) or tuple(sink_logits.shape) != (q_heads,):
+            shape = tuple(sink_logits.shape) if isinstance(sink_logits, torch.Tensor) else type(sink_logits).__name__
+            raise ValueError(f"sink_logits must be a tensor of shape (num_q_heads,) = ({q_heads},), got {shape}")
+        if not sink_logits.is_floating_point():
+            raise ValueError(f"sink_logits must be floating point, got {sink_logits.dtype}")
+        extra.append(sink_logits)
     check_device(q, k_pages, v_pages, block_table, seq_lens, *extra)
 
 
 def check_paged_values(
-    k_pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, window_left: int
+    k_pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, window_left: int,
+    sinks: int = 0,
 ) -> None:
     """The values `paged_attention` reads: every length fits the table, every table entry a
-    sequence reads (from its window's first block to its last) is a block of the pool."""
+    sequence reads (from its window's first block to its last, and with sinks the blocks of
+    positions [0, min(sinks, window start))) is a block of the pool."""
     num_blocks, block_size = k_pages.shape[:2]
     width = block_table.shape[1]
     lengths = seq_lens.detach().long().cpu()
@@ -166,14 +191,17 @@ def check_paged_values(
     first = (lengths - 1 - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(lengths)
     columns = torch.arange(width)
     read = (columns >= (first // block_size)[:, None]) & (columns <= ((lengths - 1) // block_size)[:, None])
+    if sinks > 0 and window_left >= 0:  # the blocks between the sinks and the window may be -1
+        sink_end = first.clamp(max=sinks)
+        read |= columns[None, :] < ((sink_end + block_size - 1) // block_size)[:, None]
     wrong = read & ((table < 0) | (table >= num_blocks))
     if wrong.any():
         b, i = (int(x) for x in wrong.nonzero()[0])
         raise ValueError(
             f"block_table[{b}, {i}] = {int(table[b, i])} is not a block of the pool (0 to "
             f"{num_blocks - 1}), but sequence {b} (length {int(lengths[b])}) reads that block. "
-            "-1 marks a block given back to the pool: only blocks wholly before the window may be "
-            "given back. Fix the table or seq_lens."
+            "-1 marks a block given back to the pool: only blocks wholly before the window (and "
+            "after the sinks) may be given back. Fix the table or seq_lens."
         )
 
 
@@ -240,7 +268,8 @@ def _check_pages(k_pages: torch.Tensor, v_pages: torch.Tensor) -> None:
 
 
 # --- torch custom ops ---------------------------------------------------------------------------
-# window_left: keys with pos - j <= window_left are visible; -1 = no window.
+# window_left: keys with pos - j <= window_left are visible; -1 = no window. sinks: keys j < sinks
+# stay visible beside the window. sink_logits: (Hq,) float32 or None.
 
 
 @torch.library.custom_op("hf_attn_patch::paged_attention", mutates_args=())
@@ -253,12 +282,16 @@ def _paged_attention_op(
     alibi_slopes: Optional[torch.Tensor],
     window_left: int,
     scale: float,
+    sinks: int = 0,
+    sink_logits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _paged_triton.decode(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, window_left, scale)
+    return _paged_triton.decode(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, window_left, scale,
+                                sinks=sinks, sink_logits=sink_logits)
 
 
 @_paged_attention_op.register_fake
-def _paged_attention_fake(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, window_left, scale):
+def _paged_attention_fake(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, window_left, scale,
+                          sinks=0, sink_logits=None):
     return _paged_triton.empty_output(q)
 
 
