@@ -30,7 +30,7 @@ from hf_attn_patch.kernels import _flash_triton  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
 _FLOAT_SCALARS = {"qk_scale", "scale", "sm_scale"}
-_FLOAT32_TENSORS = {"Lse", "Delta", "Slopes"}
+_FLOAT32_TENSORS = {"Lse", "Delta", "Slopes", "SinkLogits"}
 _INT_TENSORS = {"Mask": "*i8", "Bounds": "*i32", "Docs": "*i32"}
 
 
@@ -39,7 +39,8 @@ def compile_variant(kernel_name: str, options: dict, dtype: str = "bf16") -> Non
     fn = getattr(_flash_triton, kernel_name)
     fn = getattr(fn, "fn", fn)  # through the autotuner
     absent = {"Mask": not options.get("HAS_PADDING"), "Bounds": not options.get("HAS_PADDING"),
-              "Slopes": not options.get("HAS_ALIBI"), "Docs": not options.get("HAS_DOCS")}
+              "Slopes": not options.get("HAS_ALIBI"), "Docs": not options.get("HAS_DOCS"),
+              "SinkLogits": not options.get("HAS_SINK_LOGITS")}
     signature, constexprs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in options or absent.get(name):
@@ -60,13 +61,16 @@ def compile_variant(kernel_name: str, options: dict, dtype: str = "bf16") -> Non
 
 def variants(everything: bool):
     """(kernel, options, dtype): each switch on and off at least once, in a few combinations."""
-    switches = ("HAS_LEFT", "HAS_RIGHT", "HAS_PADDING", "HAS_ALIBI", "HAS_DOCS")
+    switches = ("HAS_LEFT", "HAS_RIGHT", "HAS_PADDING", "HAS_ALIBI", "HAS_DOCS", "HAS_SINKS", "HAS_SINK_LOGITS")
     if everything:
         combos = [dict(zip(switches, bits)) for bits in itertools.product((False, True), repeat=len(switches))]
     else:
-        combos = [dict.fromkeys(switches, False), dict.fromkeys(switches, True),
-                  {**dict.fromkeys(switches, False), "HAS_RIGHT": True, "HAS_DOCS": True},
-                  {**dict.fromkeys(switches, False), "HAS_LEFT": True, "HAS_PADDING": True}]
+        off = dict.fromkeys(switches, False)
+        combos = [off, dict.fromkeys(switches, True),
+                  {**off, "HAS_RIGHT": True, "HAS_DOCS": True, "HAS_SINK_LOGITS": True},
+                  {**off, "HAS_LEFT": True, "HAS_PADDING": True},
+                  # a causal sliding window with sinks (StreamingLLM, gpt-oss)
+                  {**off, "HAS_LEFT": True, "HAS_RIGHT": True, "HAS_SINKS": True, "HAS_SINK_LOGITS": True}]
     bf16 = (128, 128, 64, 64, "bf16", "tf32")
     fp32 = (80, 128, 16, 64, "fp32", "ieee")  # true float32 dots, a head dim padded to 128, decode tiles
     shaped = [(combo, bf16) for combo in combos]

@@ -131,3 +131,31 @@ def window_reach(causal: bool, window: int | tuple[int, int] | None) -> tuple[in
     if causal:
         right = 0
     return left, right
+
+
+def check_sinks(
+    q: torch.Tensor,
+    sinks: int,
+    sink_logits: torch.Tensor | None,
+    *,
+    doc_ids: torch.Tensor | None = None,
+) -> None:
+    """Attention sinks: `sinks` an int >= 0, `sink_logits` (Hq,) floating point on q's device,
+    q: (B, Hq, ...) with the query heads at dim 1; sinks are not combined with doc_ids."""
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0 (the number of leading keys kept visible), got {sinks!r}")
+    if sinks > 0 and doc_ids is not None:
+        raise ValueError(
+            "sinks together with doc_ids (packed documents) is not supported: each document would "
+            "need its own sinks; pass sinks=0 or run the documents unpacked"
+        )
+    if sink_logits is None:
+        return
+    q_heads = q.shape[1]
+    if tuple(sink_logits.shape) != (q_heads,):
+        raise ValueError(
+            f"sink_logits must have shape (num_q_heads,) = ({q_heads},), got {tuple(sink_logits.shape)}"
+        )
+    if not sink_logits.is_floating_point():
+        raise ValueError(f"sink_logits must be floating point, got {sink_logits.dtype}")
+    check_device(q, sink_logits)

@@ -11,6 +11,12 @@ exp2, and the saved log-sum-exp is in base 2 too.
 Window reach: a key j is visible to a query at position p when j - p <= right (right = 0 is
 causal) and p - j <= left; HAS_LEFT / HAS_RIGHT say whether each bound exists.
 
+Attention sinks (HAS_SINKS, only with a left bound): keys j < sinks are visible whatever the
+left bound says. The forward and dQ programs visit the key blocks holding them besides the
+window's; a dK/dV program whose block holds a sink key serves every later query. Sink logits
+(HAS_SINK_LOGITS, forward only): a per-head logit joins each row's softmax denominator at the
+end, so the saved log-sum-exp includes it and the backward kernels need nothing new.
+
 Masked keys contribute exactly nothing, whatever K and V hold there (a padded or stale slot can
 hold NaN, and p = 0 times NaN is NaN): a padded key's K and V load as zeros (HAS_PADDING only),
 and so do those of keys that no query of the tile can see, in the boundary blocks only. Blocks
@@ -42,7 +48,8 @@ def empty_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((batch, length, heads, head_dim)).transpose(1, 2)
 
 
-def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids=None):
+def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids=None, sinks=0,
+            sink_logits=None):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     out = empty_output(q)
@@ -57,39 +64,38 @@ def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
     with _on_device(q):
         _launch_tuned(
             _fwd_kernel, grid,
-            (q, k, v, out, lse, key_padding_mask, bounds, alibi_slopes, docs,
+            (q, k, v, out, lse, key_padding_mask, bounds, alibi_slopes, docs, sink_logits,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-             q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, left, right,
+             q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, left, right, sinks,
              _bucket(q_len), _bucket(k_len)),
-            _static_args(q, key_padding_mask, alibi_slopes, left, right, docs),
+            {**_static_args(q, key_padding_mask, alibi_slopes, left, right, docs, sinks),
+             "HAS_SINK_LOGITS": sink_logits is not None},
             _tuning_dtypes(q, key_padding_mask, alibi_slopes),
         )
     return out, lse
 
 
 def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale,
-             doc_ids=None):
+             doc_ids=None, sinks=0, delta=None):
+    """dq, dk, dv; delta (from `row_delta`) may be given when the caller needed it already."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
+    if delta is None:
+        delta = row_delta(out, grad_out)
     bounds = _padding_bounds(key_padding_mask)
     docs = document_bounds(doc_ids)
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    static = _static_args(q, key_padding_mask, alibi_slopes, left, right, docs)
+    static = _static_args(q, key_padding_mask, alibi_slopes, left, right, docs, sinks)
     dtypes = _tuning_dtypes(q, key_padding_mask, alibi_slopes)
 
     with _on_device(q):
-        _bwd_delta_kernel[(triton.cdiv(q_len, 64), batch * q_heads)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), q_len, q_heads,
-            HEAD_DIM=head_dim, BLOCK_D=static["BLOCK_D"], BLOCK_M=64,
-        )
         _launch_tuned(
             _bwd_dkdv_kernel, lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads),
             (q, k, v, grad_out, dk, dv, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
              *mask_strides,
-             q_len, k_len, q_heads, kv_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right,
+             q_len, k_len, q_heads, kv_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right, sinks,
              _bucket(q_len), _bucket(k_len)),
             static, dtypes,
         )
@@ -98,11 +104,24 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
             (q, k, v, grad_out, dq, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
              *mask_strides,
-             q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right,
+             q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right, sinks,
              _bucket(q_len), _bucket(k_len)),
             static, dtypes,
         )
     return dq, dk, dv
+
+
+def row_delta(out, grad_out):
+    """(B, H, N) float32 delta_i = sum_d O[i, d] * dO[i, d], the row term of the softmax gradient
+    (and, with the saved log-sum-exp, all that the sink logits' gradient needs)."""
+    batch, heads, length, head_dim = out.shape
+    delta = torch.empty((batch, heads, length), device=out.device, dtype=torch.float32)
+    with _on_device(out):
+        _bwd_delta_kernel[(triton.cdiv(length, 64), batch * heads)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), length, heads,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=64,
+        )
+    return delta
 
 
 # Each autotuned kernel's chosen launch config per tuning key (see `_launch_tuned`).
@@ -138,7 +157,7 @@ def _tuning_dtypes(q, key_padding_mask, alibi_slopes) -> tuple:
     )
 
 
-def _static_args(q, key_padding_mask, alibi_slopes, left, right, docs=None) -> dict:
+def _static_args(q, key_padding_mask, alibi_slopes, left, right, docs=None, sinks=0) -> dict:
     """Compile-time switches: each combination is its own specialised kernel."""
     return dict(
         HEAD_DIM=q.shape[-1],
@@ -148,6 +167,8 @@ def _static_args(q, key_padding_mask, alibi_slopes, left, right, docs=None) -> d
         HAS_PADDING=key_padding_mask is not None,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DOCS=docs is not None,
+        # Without a left bound every key is visible already: sinks change nothing.
+        HAS_SINKS=sinks > 0 and left >= 0,
         # float32 inputs get true float32 dot products, not tf32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -336,7 +357,8 @@ _FWD_CONFIGS = _configs(_FWD_BLOCKS)
 _DKDV_CONFIGS = _configs(_DKDV_BLOCKS)
 _DQ_CONFIGS = _configs(_DQ_BLOCKS)
 _TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_LEFT", "HAS_RIGHT", "HAS_PADDING",
-               "HAS_ALIBI", "HAS_DOCS", "DOT_PRECISION"]
+               "HAS_ALIBI", "HAS_DOCS", "HAS_SINKS", "DOT_PRECISION"]
+_FWD_TUNING_KEY = [*_TUNING_KEY, "HAS_SINK_LOGITS"]
 _FWD_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_fwd_tiles)}
 _DKDV_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_dkdv_tiles)}
 _DQ_PRUNE = {"early_config_prune": functools.partial(_prune_configs, tiles=_dq_tiles)}
@@ -405,6 +427,66 @@ def _key_ranges(first_pos, last_pos, k_len, left, right, Bounds, b, docs,
 
 
 @triton.jit
+def _sink_blocks(last_pos, k_len, right, sinks, Bounds, b, window_start,
+                 HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end): the key blocks before the window's first block (window_start, from
+    _key_ranges) that hold sink keys (j < sinks) some query up to last_pos may see. Always
+    masked: the window's bound hides their other keys."""
+    lo = last_pos * 0
+    hi = tl.minimum(lo + sinks, k_len)
+    if HAS_PADDING:
+        lo = tl.load(Bounds + 2 * b)
+        hi = tl.minimum(hi, tl.load(Bounds + 2 * b + 1))
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, last_pos + right + 1)
+    hi = tl.minimum(hi, window_start)  # the window's own blocks are visited anyway
+    start = (lo // BLOCK_N) * BLOCK_N
+    if hi <= lo:
+        start = hi
+    return start, hi
+
+
+@triton.jit
+def _query_ranges(first_key, last_key, q_len, shift, left, right, sinks, Bounds, b, docs,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
+                  HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query blocks that see some key of the block [first_key, last_key] (see _block_ranges):
+    the mirror of _key_ranges, for dK/dV."""
+    lo = shift * 0
+    hi = lo + q_len
+    full_lo = lo
+    full_hi = hi
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, first_key - right - shift)
+        full_lo = tl.maximum(full_lo, last_key - right - shift)
+    if HAS_LEFT:
+        reach_hi = last_key + left + 1 - shift
+        full_reach_hi = first_key + left + 1 - shift
+        if HAS_SINKS:
+            # A (real) sink key is seen by every later query; the block is seen whole by a query
+            # that sees its oldest key that is not a sink (all of them, if none is).
+            sink_lo = first_key
+            sink_hi = tl.minimum(last_key + 1, sinks)
+            if HAS_PADDING:
+                sink_lo = tl.maximum(sink_lo, tl.load(Bounds + 2 * b))
+                sink_hi = tl.minimum(sink_hi, tl.load(Bounds + 2 * b + 1))
+            reach_hi = tl.where(sink_lo < sink_hi, q_len, reach_hi)
+            full_reach_hi = tl.where(last_key < sinks, q_len,
+                                     tl.maximum(first_key, sinks) + left + 1 - shift)
+        hi = tl.minimum(hi, reach_hi)
+        full_hi = tl.minimum(full_hi, full_reach_hi)
+    if HAS_DOCS:  # queries == keys here
+        lo = tl.maximum(lo, tl.load(docs + 2 * first_key))
+        hi = tl.minimum(hi, tl.load(docs + 2 * last_key + 1))
+        full_lo = tl.maximum(full_lo, tl.load(docs + 2 * last_key))
+        full_hi = tl.minimum(full_hi, tl.load(docs + 2 * first_key + 1))
+    if HAS_PADDING:
+        if (last_key < tl.load(Bounds + 2 * b)) | (first_key >= tl.load(Bounds + 2 * b + 1)):
+            hi = lo
+    return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M)
+
+
+@triton.jit
 def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     # A compile-time all-true mask when the head dim is a power of two: no masked loads then.
     if HEAD_DIM == BLOCK_D:
@@ -413,21 +495,25 @@ def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _visible(pos, offs_n, k_len, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """(rows, keys) mask of the pairs the window and the sequence end allow."""
+def _visible(pos, offs_n, k_len, left, right, sinks, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+             HAS_SINKS: tl.constexpr):
+    """(rows, keys) mask of the pairs the window (and its sinks) and the sequence end allow."""
     distance = pos[:, None] - offs_n[None, :]
     visible = (offs_n < k_len)[None, :]
     if HAS_LEFT:
-        visible = visible & (distance <= left)
+        near = distance <= left
+        if HAS_SINKS:
+            near = near | (offs_n < sinks)[None, :]
+        visible = visible & near
     if HAS_RIGHT:
         visible = visible & (distance >= -right)
     return visible
 
 
 @triton.jit
-def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, docs,
+def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, sinks, docs,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  HAS_DOCS: tl.constexpr):
+                  HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr):
     """Which K/V elements of a key block to load; the others read as zeros. In a boundary
     block, only keys that some query of the tile (positions first_pos..last_pos) can see: a
     key none of them sees must not reach the dots even as p = 0 times its value."""
@@ -437,7 +523,10 @@ def _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, docs,
         return tl.broadcast_to(d_ok[None, :], (offs_n.shape[0], d_ok.shape[0]))
     seen = offs_n < k_len
     if HAS_LEFT:
-        seen = seen & (offs_n >= first_pos - left)
+        near = offs_n >= first_pos - left
+        if HAS_SINKS:
+            near = near | (offs_n < sinks)
+        seen = seen & near
     if HAS_RIGHT:
         seen = seen & (offs_n <= last_pos + right)
     if HAS_DOCS:
@@ -477,20 +566,21 @@ def _padding_bounds_kernel(Mask, Bounds, stride_mb, stride_mn, k_len, BLOCK: tl.
 # --- forward ------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_FWD_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
+@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_TUNING_KEY, prune_configs_by=_FWD_PRUNE)
+@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Mask, Bounds, Slopes, Docs,
+    Q, K, V, Out, Lse, Mask, Bounds, Slopes, Docs, SinkLogits,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mb, stride_mn,
-    q_len, k_len, num_q_heads, group_size, qk_scale, left, right,
+    q_len, k_len, num_q_heads, group_size, qk_scale, left, right, sinks,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_SINK_LOGITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if HAS_RIGHT:  # causal: the last query blocks see the most keys; start them first
@@ -535,16 +625,31 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     args = (q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             Mask, b * stride_mb, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-            slope, qk_scale, docs, row_first, row_end)
+            sinks, slope, qk_scale, docs, row_first, row_end)
+    if HAS_LEFT:
+        if HAS_SINKS:
+            sink_start, sink_end = _sink_blocks(last_pos, k_len, right, sinks, Bounds, b, start,
+                                                HAS_RIGHT, HAS_PADDING, BLOCK_N)
+            acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, sink_start, sink_end, BLOCK_N, True,
+                                       HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS,
+                                       DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, start, full_start, BLOCK_N, True,
-                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_start, full_end, BLOCK_N, False,
-                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_end, end, BLOCK_N, True,
-                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
 
     # A row that saw no key: output zeros, and lse = +inf so the backward's exp2(s - lse) is 0.
     seen = l_i > 0.0
+    if HAS_SINK_LOGITS:
+        # One more score, with no value: it only adds to the denominator (and so to the lse).
+        sink = tl.load(SinkLogits + h) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.where(seen, tl.math.exp2(m_i - m_new), 0.0)  # m_i = -inf where nothing was seen
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.math.exp2(sink - m_new)
+        m_i = m_new
     l_safe = tl.where(seen, l_i, 1.0)
     acc = acc / l_safe[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("inf"))
@@ -559,22 +664,24 @@ def _fwd_kernel(
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     Mask, mask_offset, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-    slope, qk_scale, docs, row_first, row_end,
+    sinks, slope, qk_scale, docs, row_first, row_end,
     start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, docs,
-                              MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCS)
+        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, sinks, docs,
+                              MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCS, HAS_SINKS)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)
         s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
         if HAS_ALIBI:
             s += slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
         if MASKED:
-            s = tl.where(_visible(pos, offs_n, k_len, left, right, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            visible = _visible(pos, offs_n, k_len, left, right, sinks, HAS_LEFT, HAS_RIGHT, HAS_SINKS)
+            s = tl.where(visible, s, float("-inf"))
             if HAS_DOCS:
                 same = (offs_n[None, :] >= row_first[:, None]) & (offs_n[None, :] < row_end[:, None])
                 s = tl.where(same, s, float("-inf"))
@@ -623,7 +730,7 @@ def _bwd_delta_kernel(
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DKDV_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dkdv_kernel(
     Q, K, V, dOut, dK, dV, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -633,11 +740,12 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_mb, stride_mn,
-    q_len, k_len, num_q_heads, num_kv_heads, group_size, qk_scale, sm_scale, left, right,
+    q_len, k_len, num_q_heads, num_kv_heads, group_size, qk_scale, sm_scale, left, right, sinks,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dK and dV of one key block of one KV head, summed over every query head of its group."""
     pid_n = tl.program_id(0)
@@ -657,7 +765,10 @@ def _bwd_dkdv_kernel(
     # is then p * (0 - delta) = 0, not 0 * NaN. Once per program, not per step.
     v_ok = kv_ok & keep[:, None]
     if HAS_LEFT:
-        v_ok = v_ok & (offs_n >= shift - left)[:, None]
+        seen = offs_n >= shift - left
+        if HAS_SINKS:
+            seen = seen | (offs_n < sinks)
+        v_ok = v_ok & seen[:, None]
     k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn
                 + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
     v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn
@@ -666,30 +777,16 @@ def _bwd_dkdv_kernel(
     # Query positions that see some key of this block, and those that see all of it.
     first_key = pid_n * BLOCK_N
     last_key = tl.minimum(first_key + BLOCK_N, k_len) - 1
-    lo = shift * 0
-    hi = lo + q_len
-    full_lo = lo
-    full_hi = hi
-    if HAS_RIGHT:
-        lo = tl.maximum(lo, first_key - right - shift)
-        full_lo = tl.maximum(full_lo, last_key - right - shift)
-    if HAS_LEFT:
-        hi = tl.minimum(hi, last_key + left + 1 - shift)
-        full_hi = tl.minimum(full_hi, first_key + left + 1 - shift)
     # Without documents `docs` is never read, but it travels in argument tuples, which compiled
     # Triton builds only from typed values: any pointer will do (None would not compile).
     docs = Q
-    if HAS_DOCS:  # queries == keys here: the mirror of _key_ranges
+    if HAS_DOCS:
         docs = Docs + b * k_len * 2
-        lo = tl.maximum(lo, tl.load(docs + 2 * first_key))
-        hi = tl.minimum(hi, tl.load(docs + 2 * last_key + 1))
-        full_lo = tl.maximum(full_lo, tl.load(docs + 2 * last_key))
-        full_hi = tl.minimum(full_hi, tl.load(docs + 2 * first_key + 1))
     key_first, key_end = _document_of(docs, offs_n, offs_n < k_len, HAS_DOCS)
-    if HAS_PADDING:
-        if (last_key < tl.load(Bounds + 2 * b)) | (first_key >= tl.load(Bounds + 2 * b + 1)):
-            hi = lo
-    start, full_start, full_end, end = _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M)
+    start, full_start, full_end, end = _query_ranges(
+        first_key, last_key, q_len, shift, left, right, sinks, Bounds, b, docs,
+        HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCS, HAS_SINKS, BLOCK_M
+    )
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -702,13 +799,13 @@ def _bwd_dkdv_kernel(
         args = (k, v, Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd,
                 dOut + b * stride_db + h * stride_dh, stride_dm, stride_dd,
                 Lse + row_base, Delta + row_base, keep, offs_n, offs_d, d_ok,
-                shift, q_len, left, right, slope, qk_scale, key_first, key_end)
+                shift, q_len, left, right, sinks, slope, qk_scale, key_first, key_end)
         dk, dv = _dkdv_inner(dk, dv, *args, start, full_start, BLOCK_M, True,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, *args, full_start, full_end, BLOCK_M, False,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, *args, full_end, end, BLOCK_M, True,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(dK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
@@ -720,11 +817,12 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, stride_qm, stride_qd, do_base, stride_dm, stride_dd,
-    lse_base, delta_base, keep, offs_n, offs_d, d_ok, shift, q_len, left, right, slope, qk_scale,
+    lse_base, delta_base, keep, offs_n, offs_d, d_ok, shift, q_len, left, right, sinks, slope, qk_scale,
     key_first, key_end,
     start, end, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate with plain dots.
     for start_m in range(start, end, BLOCK_M):
@@ -746,7 +844,10 @@ def _dkdv_inner(
             distance = pos[None, :] - offs_n[:, None]
             visible = row_ok[None, :]
             if HAS_LEFT:
-                visible = visible & (distance <= left)
+                near = distance <= left
+                if HAS_SINKS:
+                    near = near | (offs_n < sinks)[:, None]
+                visible = visible & near
             if HAS_RIGHT:
                 visible = visible & (distance >= -right)
             if HAS_DOCS:  # query i sees key j when i lies in j's document
@@ -765,7 +866,7 @@ def _dkdv_inner(
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DQ_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "Q_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dq_kernel(
     Q, K, V, dOut, dQ, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -774,11 +875,12 @@ def _bwd_dq_kernel(
     stride_db, stride_dh, stride_dm, stride_dd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mn,
-    q_len, k_len, num_q_heads, group_size, qk_scale, sm_scale, left, right,
+    q_len, k_len, num_q_heads, group_size, qk_scale, sm_scale, left, right, sinks,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one query block of one head, over the same key blocks as the forward."""
     pid_m = tl.program_id(0)
@@ -822,13 +924,19 @@ def _bwd_dq_kernel(
     args = (q, do, lse, delta, K + b * stride_kb + kv_h * stride_kh, stride_kn, stride_kd,
             V + b * stride_vb + kv_h * stride_vh, stride_vn, stride_vd,
             Mask, b * stride_mb, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-            slope, qk_scale, docs, row_first, row_end)
+            sinks, slope, qk_scale, docs, row_first, row_end)
+    if HAS_LEFT:
+        if HAS_SINKS:
+            sink_start, sink_end = _sink_blocks(last_pos, k_len, right, sinks, Bounds, b, start,
+                                                HAS_RIGHT, HAS_PADDING, BLOCK_N)
+            dq = _dq_inner(dq, *args, sink_start, sink_end, BLOCK_N, True,
+                           HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     dq = _dq_inner(dq, *args, start, full_start, BLOCK_N, True,
-                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     dq = _dq_inner(dq, *args, full_start, full_end, BLOCK_N, False,
-                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     dq = _dq_inner(dq, *args, full_end, end, BLOCK_N, True,
-                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, DOT_PRECISION)
+                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -839,15 +947,16 @@ def _bwd_dq_kernel(
 def _dq_inner(
     dq, q, do, lse, delta, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
     Mask, mask_offset, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-    slope, qk_scale, docs, row_first, row_end,
+    sinks, slope, qk_scale, docs, row_first, row_end,
     start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, docs,
-                              MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCS)
+        kv_ok = _kv_load_mask(offs_n, d_ok, first_pos, last_pos, k_len, left, right, sinks, docs,
+                              MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCS, HAS_SINKS)
         if HAS_PADDING:
             # Here both matter: dP = dO V^T meets V, dQ += dS K meets K, each times p = 0.
             keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
@@ -861,7 +970,8 @@ def _dq_inner(
             s += slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(pos, offs_n, k_len, left, right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+            p = tl.where(_visible(pos, offs_n, k_len, left, right, sinks, HAS_LEFT, HAS_RIGHT, HAS_SINKS),
+                         p, 0.0)
             if HAS_DOCS:
                 same = (offs_n[None, :] >= row_first[:, None]) & (offs_n[None, :] < row_end[:, None])
                 p = tl.where(same, p, 0.0)

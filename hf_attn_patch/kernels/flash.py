@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import _flash_triton
-from ._checks import check_attention_inputs, window_reach
+from ._checks import check_attention_inputs, check_sinks, window_reach
 
 __all__ = ["flash_attention"]
 
@@ -29,6 +29,8 @@ def flash_attention(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
+    sinks: int = 0,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tiled (flash) attention with a backward pass, in Triton.
 
@@ -42,36 +44,51 @@ def flash_attention(
     doc_ids: (B, N) integer, packed documents (needs Nq == Nk): each run of equal ids in a row is
     one document, and a query sees keys of its own document only. Key blocks that share no
     document with a query block are skipped, so the work is that of the documents one by one.
+    sinks: int S >= 0, attention sinks (StreamingLLM): keys at positions j < S stay visible
+    whatever the window says (causality and padding still apply); with no window S changes
+    nothing. The key blocks holding them are visited besides the window's, nothing else, so the
+    work stays O(N * (W + S)). Not with doc_ids.
+    sink_logits: (Hq,) floating point, a learned per-head logit in each row's softmax
+    denominator (gpt-oss): out_i = sum_j exp(s_ij) v_j / (exp(sink_h) + sum_j exp(s_ij)),
+    computed in float32; differentiable. Rows that see no key are still zeros.
     """
     check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, alibi_slopes=alibi_slopes,
                            doc_ids=doc_ids)
+    check_sinks(q, sinks, sink_logits, doc_ids=doc_ids)
     left, right = window_reach(causal, window)
+    if left < 0:
+        sinks = 0  # no left bound: every key is visible already
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(torch.float32)
-    if _needs_custom_op(q, k, v):
+    if sink_logits is not None:
+        sink_logits = sink_logits.to(torch.float32).contiguous()  # the kernel reads it at stride 1
+    if _needs_custom_op(q, k, v, sink_logits):
         out, _ = torch.ops.hf_attn_patch.flash_attention_forward(
-            q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
+            q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids, sinks, sink_logits
         )
     else:
-        out, _ = _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids)
+        out, _ = _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids,
+                                       sinks, sink_logits)
     return out
 
 
-def _needs_custom_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _needs_custom_op(*tensors: torch.Tensor | None) -> bool:
     """The custom op is there for autograd and torch.compile (and tensor subclasses, fake
     tensors among them). Plain eager inference launches the kernel directly: the op's dispatch
     costs ~45 us of host time a call on the H100 machine, in a decode step bound by the host."""
     if torch.compiler.is_compiling():
         return True
-    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+    tensors = [t for t in tensors if t is not None]
+    if any(type(t) is not torch.Tensor for t in tensors):
         return True
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # --- torch custom ops ---------------------------------------------------------------------------
 # left/right are the window's reach (pos(i) - j <= left, j - pos(i) <= right); -1 = unbounded.
-# doc_ids comes last, with a default, so that calls written before it keep working.
+# Arguments added later (doc_ids, then sinks, sink_logits and delta) come last, with defaults, so
+# that calls written before them keep working.
 
 
 @torch.library.custom_op("hf_attn_patch::flash_attention_forward", mutates_args=())
@@ -85,12 +102,16 @@ def _forward(
     right: int,
     scale: float,
     doc_ids: Optional[torch.Tensor] = None,
+    sinks: int = 0,
+    sink_logits: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids)
+    return _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids,
+                                 sinks, sink_logits)
 
 
 @_forward.register_fake
-def _forward_fake(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids=None):
+def _forward_fake(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids=None, sinks=0,
+                  sink_logits=None):
     batch, heads, q_len, head_dim = q.shape
     return _flash_triton.empty_output(q), q.new_empty((batch, heads, q_len), dtype=torch.float32)
 
@@ -109,34 +130,58 @@ def _backward(
     right: int,
     scale: float,
     doc_ids: Optional[torch.Tensor] = None,
+    sinks: int = 0,
+    delta: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _flash_triton.backward(
-        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
+        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale, doc_ids, sinks, delta
     )
 
 
 @_backward.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, scale,
-                   doc_ids=None):
+                   doc_ids=None, sinks=0, delta=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+@torch.library.custom_op("hf_attn_patch::flash_attention_row_delta", mutates_args=())
+def _row_delta(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    return _flash_triton.row_delta(out, grad_out)
+
+
+@_row_delta.register_fake
+def _row_delta_fake(out, grad_out):
+    return out.new_empty(out.shape[:-1], dtype=torch.float32)
+
+
+_SINK_LOGITS = 10  # index of sink_logits among the forward op's inputs
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids = inputs
+    q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids, sinks, sink_logits = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, alibi_slopes, doc_ids)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, alibi_slopes, doc_ids, sink_logits)
     ctx.window = (left, right)
     ctx.scale = scale
+    ctx.sinks = sinks
     ctx.mark_non_differentiable(lse)
 
 
 def _autograd_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, key_padding_mask, alibi_slopes, doc_ids = ctx.saved_tensors
+    q, k, v, out, lse, key_padding_mask, alibi_slopes, doc_ids, sink_logits = ctx.saved_tensors
     left, right = ctx.window
+    delta = d_sink_logits = None
+    if sink_logits is not None and ctx.needs_input_grad[_SINK_LOGITS]:
+        # d sink_h = -sum over rows of p_sink * delta, with p_sink = exp(sink_h - lse) (lse is in
+        # base 2 and includes the sink). delta is computed once and handed to the backward op.
+        delta = torch.ops.hf_attn_patch.flash_attention_row_delta(out, grad_out)
+        sink_probs = torch.exp2(sink_logits[None, :, None] * _flash_triton.LOG2E - lse)
+        d_sink_logits = -(sink_probs * delta).sum(dim=(0, 2))
     dq, dk, dv = torch.ops.hf_attn_patch.flash_attention_backward(
-        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, ctx.scale, doc_ids
+        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, ctx.scale, doc_ids,
+        ctx.sinks, delta
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, d_sink_logits
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
