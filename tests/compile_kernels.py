@@ -1,4 +1,5 @@
-"""Compile the flash kernels for a Hopper GPU on a machine without one (run by test_kernels_compile.py).
+"""Compile the flash and paged-decode kernels for a Hopper GPU on a machine without one (run by
+test_kernels_compile.py).
 
 Triton's interpreter, which runs the kernels in the CPU tests, accepts code that the compiler
 refuses (a helper whose returns differ in shape, a None carried in an argument tuple, code after
@@ -25,19 +26,25 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hf_attn_patch.kernels import _flash_triton  # noqa: E402
+from hf_attn_patch.kernels import _flash_triton, _paged_triton  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
-_FLOAT_SCALARS = {"qk_scale", "scale", "sm_scale"}
-_FLOAT32_TENSORS = {"Lse", "Delta", "Slopes", "SinkLogits"}
-_INT_TENSORS = {"Mask": "*i8", "Bounds": "*i32", "Docs": "*i32"}
+_FLOAT_SCALARS = {"qk_scale", "scale", "sm_scale", "scale_log2"}
+_FLOAT32_TENSORS = {"Lse", "Delta", "Slopes", "SinkLogits",
+                    "Alibi_slopes", "Sink_logits", "Part_max", "Part_sum", "Part_out"}  # paged decode
+_INT_TENSORS = {"Mask": "*i8", "Bounds": "*i32", "Docs": "*i32", "Block_table": "*i32", "Seq_lens": "*i32"}
+
+
+def _kernel(name: str):
+    """The jit function behind a kernel name of either module (through the autotuner)."""
+    fn = getattr(_flash_triton, name, None) or getattr(_paged_triton, name)
+    return fn if isinstance(fn, triton.runtime.JITFunction) else fn.fn
 
 
 def compile_variant(kernel_name: str, options: dict, dtype: str = "bf16") -> None:
     """Compile one kernel for sm_90 with these compile-time options (absent tensors are None)."""
-    fn = getattr(_flash_triton, kernel_name)
-    fn = getattr(fn, "fn", fn)  # through the autotuner
+    fn = _kernel(kernel_name)
     absent = {"Mask": not options.get("HAS_PADDING"), "Bounds": not options.get("HAS_PADDING"),
               "Slopes": not options.get("HAS_ALIBI"), "Docs": not options.get("HAS_DOCS"),
               "SinkLogits": not options.get("HAS_SINK_LOGITS")}
@@ -80,12 +87,33 @@ def variants(everything: bool):
             options = dict(combo, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
                            DOT_PRECISION=precision)
             yield kernel, options, dtype
+    yield from paged_variants(everything)
+
+
+def paged_variants(everything: bool):
+    """The paged decode kernels: one partition or several (+ merge), ALiBi, sinks, sink logits."""
+    switches = ("SINGLE_PARTITION", "HAS_ALIBI", "HAS_SINKS", "HAS_SINK_LOGITS")
+    off = dict.fromkeys(switches, False)
+    if everything:
+        combos = [dict(zip(switches, bits)) for bits in itertools.product((False, True), repeat=len(switches))]
+    else:
+        combos = [{**off, "SINGLE_PARTITION": True}, dict.fromkeys(switches, True),
+                  {**off, "HAS_SINKS": True, "HAS_SINK_LOGITS": True}, {**off, "HAS_ALIBI": True}]
+    shape = dict(GROUP=4, GROUP_ROWS=16, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64)
+    for combo in combos:
+        yield "_decode_partition_kernel", dict(combo, IEEE_DOT=False, **shape), "bf16"
+    fp32 = dict(GROUP=8, GROUP_ROWS=16, HEAD_DIM=80, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_N=64)
+    yield "_decode_partition_kernel", dict(dict.fromkeys(switches, True), IEEE_DOT=True, **fp32), "fp32"
+    merges = itertools.product((False, True), repeat=2) if everything else ((False, False), (True, True))
+    for sinks, logits in merges:
+        yield "_merge_partitions_kernel", dict(HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_P=32, HAS_SINKS=sinks,
+                                               HAS_SINK_LOGITS=logits), "bf16"
 
 
 def main(argv: list[str]) -> int:
     failed = 0
     for kernel, options, dtype in variants("--all" in argv):
-        fn = getattr(getattr(_flash_triton, kernel), "fn", None) or getattr(_flash_triton, kernel)
+        fn = _kernel(kernel)
         options = {k: v for k, v in options.items() if k in fn.arg_names}
         label = f"{kernel} {dtype} " + " ".join(f"{k}={v}" for k, v in options.items())
         start = time.perf_counter()

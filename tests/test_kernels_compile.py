@@ -1,4 +1,4 @@
-"""The flash kernels compile for a Hopper GPU (sm_90), checked on a machine without one.
+"""The flash and paged-decode kernels compile for a Hopper GPU (sm_90), checked on a machine without one.
 
 The CPU suite runs the kernels in Triton's interpreter, which accepts code the compiler refuses;
 twice such code reached the H200 (tests/compile_kernels.py says how). This compiles every
@@ -23,4 +23,4 @@ def test_flash_kernels_compile_for_hopper():
     failed = [line for line in lines if line.startswith("FAILED")]
     assert not failed, "\n".join(failed)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(lines) == 18, result.stdout  # 3 kernels x 6 variants
+    assert len(lines) == 18 + 7, result.stdout  # 3 flash kernels x 6 variants; paged: 5 decode + 2 merge
