@@ -13,6 +13,12 @@ it from ever reading an evicted entry. Tokens that are outside the window alread
 arrive (the start of a long prompt) get no slot at all. Memory per sequence thus stops growing
 at about W / block_size + 1 blocks.
 
+With attention sinks (StreamingLLM) the first S positions stay visible beside the window: the
+blocks holding them, the first ceil(S / block_size), are kept for the sequence's life, and only
+the blocks between them and the window are given back. A sequence then never holds more than
+`streaming_blocks(W, S, block_size)` = ceil(S / block_size) + ceil((W - 1) / block_size) + 1
+blocks, however long it runs: (S + W) / block_size + 1 when both are multiples of the block size.
+
 A step either succeeds for every sequence or changes nothing: `extend` works out every block it
 needs first, and raises `CacheFullError` with the numbers (or ValueError for a sequence longer
 than `max_seq_len`) before touching any state.
@@ -67,6 +73,10 @@ class BlockAllocator:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[Hashable, list[int]] = {}
         self._lengths: dict[Hashable, int] = {}
+        # Per sequence, the logical block up to which (from the sinks' end) everything has been
+        # given back: windows only move right, so each step scans only what it newly evicts,
+        # and a step costs the same at the millionth token as at the first.
+        self._evicted_to: dict[Hashable, int] = {}
         self.peak_blocks_used = 0
 
     # --- queries -------------------------------------------------------------------------------
@@ -97,16 +107,20 @@ class BlockAllocator:
     # --- changes -------------------------------------------------------------------------------
 
     def extend(
-        self, new_tokens: Mapping[Hashable, int], window: int | None = None
+        self, new_tokens: Mapping[Hashable, int], window: int | None = None, sinks: int = 0
     ) -> dict[Hashable, StepPlan]:
         """Append new_tokens[seq] tokens to each sequence (new sequences start empty).
 
         With a window, blocks wholly outside it after the step are given back first, and new
-        tokens outside it get slot -1. All or nothing: raises CacheFullError, changing nothing,
-        when the pool cannot hold the step, and ValueError when a sequence would pass max_seq_len.
+        tokens outside it get slot -1; with sinks too, the blocks of the first `sinks` positions
+        are kept (a sequence keeps the same window and sinks for its life). All or nothing:
+        raises CacheFullError, changing nothing, when the pool cannot hold the step, and
+        ValueError when a sequence would pass max_seq_len.
         """
+        sink_blocks = 0
         if window is not None:
             window = checked_int("window", window)
+            sink_blocks = -(-checked_int("sinks", sinks, 0) // self.block_size)
         new_tokens = {  # the check (and its message) only for what is not already a plain count
             seq: n if type(n) is int and n >= 0 else checked_int(f"tokens added to sequence {seq!r}", n, 0)
             for seq, n in new_tokens.items()
@@ -120,13 +134,14 @@ class BlockAllocator:
             table = self._tables.get(seq, [])
             old_len = self._lengths.get(seq, 0)
             first_kept = self._first_kept_block(old_len + count, window)
-            evict = [i for i in range(min(first_kept, len(table))) if table[i] != EVICTED]
+            scan_from = max(sink_blocks, self._evicted_to.get(seq, 0))
+            evict = [i for i in range(scan_from, min(first_kept, len(table))) if table[i] != EVICTED]
             last_block = (old_len + count - 1) // self.block_size if old_len + count else -1
             grow = list(range(len(table), last_block + 1))
-            take = [i for i in grow if i >= first_kept]
+            take = [i for i in grow if i >= first_kept or i < sink_blocks]
             needed += len(take)
             released += len(evict)
-            plans[seq] = (old_len, count, evict, grow, take)
+            plans[seq] = (old_len, count, evict, grow, take, first_kept)
         if needed > len(self._free) + released:
             raise CacheFullError(needed - released, len(self._free), self.num_blocks, self.block_size)
         if self.max_seq_len is not None:
@@ -139,13 +154,13 @@ class BlockAllocator:
 
         # Give back first, for every sequence: blocks leaving one window can serve another.
         result = {seq: StepPlan() for seq in plans}
-        for seq, (_, _, evict, _, _) in plans.items():
+        for seq, (_, _, evict, *_) in plans.items():
             table = self._tables.setdefault(seq, [])
             for i in evict:
                 self._free.append(table[i])
                 table[i] = EVICTED
                 result[seq].table_updates.append((i, EVICTED))
-        for seq, (old_len, count, _, grow, take) in plans.items():
+        for seq, (old_len, count, _, grow, take, first_kept) in plans.items():
             table, plan = self._tables[seq], result[seq]
             table.extend([EVICTED] * len(grow))
             for i in take:
@@ -155,6 +170,7 @@ class BlockAllocator:
                 physical = table[t // self.block_size]
                 plan.slots.append(EVICTED if physical == EVICTED else physical * self.block_size + t % self.block_size)
             self._lengths[seq] = old_len + count
+            self._evicted_to[seq] = max(self._evicted_to.get(seq, 0), min(first_kept, len(table)))
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_used)
         return result
 
@@ -170,6 +186,7 @@ class BlockAllocator:
                     self._free.append(block)
                     freed += 1
             self._lengths.pop(seq, None)
+            self._evicted_to.pop(seq, None)
         return freed
 
     def release_all(self) -> None:
@@ -197,6 +214,15 @@ class BlockAllocator:
             if len(table) != -(-length // self.block_size):
                 raise AssertionError(f"sequence {seq!r}: {len(table)} table entries for {length} tokens")
 
+
+def streaming_blocks(window: int, sinks: int, block_size: int) -> int:
+    """Most blocks one sequence holds with this window and these sinks, at any length.
+
+    The sinks' blocks, plus the blocks that W consecutive positions can touch (the window
+    [p - W + 1, p] starts mid-block in general): a new token's block is taken after the step's
+    evictions, so this is also the peak within a step.
+    """
+    return -(-sinks // block_size) + -(-(window - 1) // block_size) + 1
 
 
 def checked_int(name: str, value, minimum: int = 1) -> int:

@@ -11,15 +11,19 @@ so the attention function can ask, first thing, whether its key came from a page
     ... the usual flash_attention path ...
 
 Pass key exactly as received (no .contiguous(), no expansion): recognition is by identity.
+
+A streaming cache (`PagedKVCache(window=W, sinks=S)`) also decides the window and sinks of the
+prompt's own attention: callers that run that attention themselves find the cache with
+`paged_cache_for` and ask it (`cache.attention_window(window)`), as models/_attention.py does.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .paged import LIVE_CACHES
+from .paged import LIVE_CACHES, PagedKVCache
 
-__all__ = ["paged_decode_or_none"]
+__all__ = ["paged_decode_or_none", "paged_cache_for"]
 
 
 def paged_decode_or_none(
@@ -41,6 +45,18 @@ def paged_decode_or_none(
     attention over key/value as usual. On a decode step it returns (B, Hq, 1, D) from
     `paged_attention`. For any other key (no paged cache) it returns None at once.
     """
+    cache = paged_cache_for(module, key)
+    if cache is None:
+        return None
+    return cache.attend(
+        module.layer_idx, query, key, attention_mask,
+        scale=scale, window=window, alibi_slopes=alibi_slopes, config=getattr(module, "config", None),
+    )
+
+
+def paged_cache_for(module: torch.nn.Module, key: torch.Tensor) -> "PagedKVCache | None":
+    """The live `PagedKVCache` whose `update` returned `key` for module.layer_idx (not yet
+    attended to), else None."""
     if not LIVE_CACHES:
         return None
     layer_idx = getattr(module, "layer_idx", None)
@@ -48,8 +64,5 @@ def paged_decode_or_none(
         return None
     for cache in list(LIVE_CACHES):
         if cache.owns(layer_idx, key):
-            return cache.attend(
-                layer_idx, query, key, attention_mask,
-                scale=scale, window=window, alibi_slopes=alibi_slopes, config=getattr(module, "config", None),
-            )
+            return cache
     return None

@@ -7,9 +7,10 @@
 How a step flows (the model must be patched by `hf_attn_patch.patch_model`):
 
 * Prompt. `update` keeps the prompt's K/V aside and returns them unchanged: the prompt's own
-  attention runs on the flash kernel over those tensors. The patched attention function then
-  calls `paged_decode_or_none` (hooks.py) with the padding mask, and the cache writes only the
-  real tokens into pages, one launch per layer: left padding takes no pages.
+  attention runs on the flash kernel over those tensors. The patched attention function first
+  finds the cache (`paged_cache_for`, hooks.py) and calls its `attend` with the padding mask, and
+  the cache writes only the real tokens into pages, one launch per layer: left padding takes no
+  pages.
 * Decode. At layer 0 the cache takes the step's blocks on the host (no device sync: it tracks
   every length itself), pushes the block-table edits and lengths to the device, then each layer
   writes the new token's K/V into its slot. `update` returns the new token's K/V; the attention
@@ -17,6 +18,14 @@ How a step flows (the model must be patched by `hf_attn_patch.patch_model`):
 
 A model that is not patched never calls the hook; the cache notices at the first decode step and
 raises instead of letting an attention run over the lone new token.
+
+Streaming (window + sinks). `PagedKVCache(model, window=W, sinks=S)`, for any model: the
+patched attention then sees the first S positions and the W most recent ones (the prompt through
+`flash_attention(window=W, sinks=S)`, each decode step through `paged_attention(window=W,
+sinks=S)`), and every block wholly between the sinks and the window goes back to the pool as the
+sequence grows, so `streaming_blocks(W, S, block_size)` blocks a sequence suffice however long it
+runs (docs/paging.md, "Streaming"). By default W is the config's sliding window and S is 0.
+Where the model has a sliding window of its own, the narrower of the two applies.
 
 A step that fails (CacheFullError, a bad batch) leaves the cache as it was before the step: every
 check runs before the first change, and a prompt that fails once blocks are being taken is undone.
@@ -40,7 +49,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .._compat import cache_update_positions
 from ..kernels import paged_attention, write_to_pages
 from ..kernels._checks import SUPPORTED_DTYPES
-from .allocator import EVICTED, BlockAllocator, checked_int
+from .allocator import EVICTED, BlockAllocator, checked_int, streaming_blocks
 
 __all__ = ["PagedKVCache", "KVShape", "DEFAULT_MEMORY_FRACTION", "CPU_POOL_BYTES", "default_pool_blocks"]
 
@@ -98,7 +107,13 @@ class PagedKVCache(Cache):
         block_size: tokens per block.
         dtype, device: of the pool; default to the model's parameters (float32 / CPU for a config).
         max_seq_len: longest sequence (sizes the block table); defaults to the config's
-            max_position_embeddings.
+            max_position_embeddings. A streaming cache holds a bounded number of blocks, but its
+            block table still has one int32 entry per block_size positions: give the length
+            of the longest stream (200_000 positions of 16 cost 50 KB a row).
+        window: attend to the W most recent positions and give back the blocks that leave them
+            (streaming); defaults to the config's sliding_window (None: keep everything).
+        sinks: with a window, the first S positions stay visible and stored too (StreamingLLM's
+            attention sinks); default 0.
     """
 
     def __init__(
@@ -113,11 +128,14 @@ class PagedKVCache(Cache):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         max_seq_len: int | None = None,
+        window: int | None = None,
+        sinks: int = 0,
     ):
         config = getattr(model, "config", model)
         if not hasattr(config, "num_hidden_layers"):
             raise TypeError(f"PagedKVCache takes the model (or its config), got {type(model).__name__}")
         self.shape = KVShape.from_config(config)
+        self.window, self.sinks = _streaming_arguments(window, sinks, self.shape.sliding_window)
         block_size = checked_int("block_size", block_size)
         if max_batch_size is not None:
             max_batch_size = checked_int("max_batch_size", max_batch_size)
@@ -135,7 +153,7 @@ class PagedKVCache(Cache):
         self.v_pages = torch.empty(pool_shape, dtype=dtype, device=device)
 
         max_seq_len = max_seq_len or getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-        if self.shape.sliding_window is None:  # without a window a sequence never outgrows the pool
+        if self.window is None:  # without a window a sequence never outgrows the pool
             max_seq_len = min(max_seq_len or num_blocks * block_size, num_blocks * block_size)
         self.max_seq_len = max_seq_len or num_blocks * block_size
         self.allocator = BlockAllocator(num_blocks, block_size, max_seq_len=self.max_seq_len)
@@ -248,7 +266,9 @@ class PagedKVCache(Cache):
         return _ReleaseFinished(self, self._eos_token_id if eos_token_id is None else eos_token_id)
 
     def stats(self) -> dict:
-        """Blocks total / used / free (and the peak), their bytes, and tokens held."""
+        """Blocks total / used / free (and the peak since the cache was built), their bytes,
+        tokens seen, and the streaming settings with the blocks one sequence can hold at most
+        (None without a window)."""
         a = self.allocator
         bytes_per_block = 2 * self.k_pages[:, 0].numel() * self.k_pages.element_size()  # K and V, all layers
         return {
@@ -263,7 +283,32 @@ class PagedKVCache(Cache):
             "bytes_peak": bytes_per_block * a.peak_blocks_used,
             "sequences": len(a.sequences()),
             "tokens": sum(a.length(s) for s in a.sequences()),
+            "window": self.window,
+            "sinks": self.sinks,
+            "blocks_per_sequence": self.blocks_per_sequence,
         }
+
+    @property
+    def blocks_per_sequence(self) -> int | None:
+        """Most blocks one sequence ever holds: bounded with a window (the sinks' blocks plus
+        the window's), None without one (a sequence keeps all of its blocks)."""
+        if self.window is None:
+            return None
+        return streaming_blocks(self.window, self.sinks, self.block_size)
+
+    def attention_window(self, window: int | tuple[int, int] | None) -> tuple[int | tuple[int, int] | None, int]:
+        """(window, sinks) for an attention whose own window is `window`, over this cache.
+
+        The cache gives back every block outside its window and sinks, so the attention may
+        not reach further: the narrower of the two windows applies (the model's own where it
+        is narrower, e.g. a Mistral layer under a wider cache window), with the cache's sinks.
+        """
+        if self.window is None:
+            return window, 0
+        if window is None:
+            return self.window, self.sinks
+        reach = window if isinstance(window, int) else window[0] + 1
+        return (window if reach <= self.window else self.window), self.sinks
 
     # --- called by the attention hook -----------------------------------------------------------
 
@@ -274,12 +319,14 @@ class PagedKVCache(Cache):
 
     def attend(self, layer_idx, query, key, attention_mask, *, scale, window, alibi_slopes, config=None):
         """The hook's work: store a prompt (returns None) or run paged decode (returns out).
-        config: the attention module's, checked against the cache's shape at the prompt."""
+        window: the attention's own; the cache's applies where narrower (`attention_window`),
+        with its sinks. config: the attention module's, checked against the cache's shape at
+        the prompt."""
+        window, sinks = self.attention_window(window)
         if layer_idx in self._pending_prompt:
-            self._store_prompt(layer_idx, attention_mask, window, config)
+            self._store_prompt(layer_idx, attention_mask, config, window)
             return None
         del self._unread[layer_idx]
-        self._check_window(window)
         if query.shape[2] != 1:
             raise ValueError(f"paged decode takes one query per sequence, got {query.shape[2]}")
         batch = query.shape[0]
@@ -293,6 +340,7 @@ class PagedKVCache(Cache):
             window=window,
             alibi_slopes=alibi_slopes,
             scale=scale,
+            sinks=sinks,
         )
         return out[:, :, None]
 
@@ -379,17 +427,23 @@ class PagedKVCache(Cache):
                 "(given, or taken from its first prompt); build a cache with max_batch_size= the largest batch"
             )
 
-    def _check_window(self, window):
-        """Blocks given back for the cache's window must stay outside the attention's window."""
-        cache_window = self.shape.sliding_window
-        if cache_window is None:
+    def _check_padded_sinks(self, lengths, tokens, window):
+        """Sinks are a sequence's first S tokens, but the prompt's attention (flash_attention over
+        the padded batch) puts them at the row's first S positions, padding included. The two
+        agree while a row's window (the first layer's, as narrowed by `attention_window`) still
+        reaches back to its first token; refuse a padded row longer than that rather than give
+        its prompt other sinks than its decode steps."""
+        if not self.sinks:
             return
-        reach = None if window is None else (window if isinstance(window, int) else window[0] + 1)
-        if reach is None or reach > cache_window:
-            raise ValueError(
-                f"the attention asks for window {window!r} but the cache gives back blocks outside "
-                f"its sliding window of {cache_window}; build the cache from the same config"
-            )
+        reach = window if isinstance(window, int) else window[0] + 1
+        for row, length in enumerate(lengths):
+            if length < tokens and length > reach:
+                raise ValueError(
+                    f"prompt row {row} has {tokens - length} padding positions and {length} tokens, more than "
+                    f"the attention's window of {reach}: with sinks={self.sinks} its prompt would attend to "
+                    "other sinks than its decode steps. Give such prompts one at a time (no padding), or a "
+                    "window at least as long as the longest padded prompt."
+                )
 
     def _one_token_message(self, seen, tokens):
         return (
@@ -422,14 +476,13 @@ class PagedKVCache(Cache):
         self._prompt_positions: torch.Tensor | None = None
         self._graph_mode = False
 
-    def _store_prompt(self, layer_idx, attention_mask, window, config):
+    def _store_prompt(self, layer_idx, attention_mask, config, window):
         key, value = self._pending_prompt.pop(layer_idx)
         if self._step_slots is None:  # first layer of the prompt: take the blocks
             rows_before, peak_before = (self.block_table, self.seq_lens), self.allocator.peak_blocks_used
             try:
                 self._check_model(config)
-                self._check_window(window)
-                self._begin_prompt(key.shape[0], key.shape[2], attention_mask)
+                self._begin_prompt(key.shape[0], key.shape[2], attention_mask, window)
             except BaseException:
                 self._undo_prompt(rows_before, peak_before)
                 raise
@@ -445,7 +498,7 @@ class PagedKVCache(Cache):
             self.seq_lens.zero_()
         self.allocator.peak_blocks_used = peak_before
 
-    def _begin_prompt(self, batch, tokens, attention_mask):
+    def _begin_prompt(self, batch, tokens, attention_mask, window):
         real = _real_tokens(attention_mask, batch, tokens, self.k_pages.device)
         counts = real.sum(-1)
         positions, self._prompt_positions = self._prompt_positions, None
@@ -458,7 +511,8 @@ class PagedKVCache(Cache):
                 "was reset (or swapped in) while a generation was running. Call cache.reset() only between "
                 "generate calls; release(rows) ends sequences early."
             )
-        plans = self.allocator.extend(dict(enumerate(lengths)), window=self.shape.sliding_window)
+        self._check_padded_sinks(lengths, tokens, window)
+        plans = self.allocator.extend(dict(enumerate(lengths)), window=self.window, sinks=self.sinks)
         if self.block_table is None:  # no max_batch_size given: the first prompt's batch is the capacity
             self._allocate_rows(batch)
         self._active = [True] * batch
@@ -474,7 +528,7 @@ class PagedKVCache(Cache):
             raise ValueError(f"decode step with {batch} sequences after a prompt of {len(self._active)}")
         new = {row: 1 for row in range(batch) if self._active[row]}
         # May raise CacheFullError (or ValueError past max_seq_len) before changing anything.
-        plans = self.allocator.extend(new, window=self.shape.sliding_window)
+        plans = self.allocator.extend(new, window=self.window, sinks=self.sinks)
         slots = [EVICTED] * batch
         for row, plan in plans.items():
             slots[row] = plan.slots[0]
@@ -559,6 +613,21 @@ class _ReleaseFinished(StoppingCriteria):
         finished = torch.isin(input_ids[:, -1], eos).nonzero().flatten().tolist()
         self.cache.release(finished)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _streaming_arguments(window, sinks, config_window) -> tuple[int | None, int]:
+    """The cache's (window, sinks): checked, the window defaulting to the config's."""
+    if window is not None:
+        window = checked_int("window", window)
+    sinks = checked_int("sinks", sinks, 0)
+    window = config_window if window is None else window
+    if sinks and window is None:
+        raise ValueError(
+            f"sinks={sinks} needs a window: attention sinks are the first positions kept visible beside a "
+            "sliding window, and this model's config has none. Give window= as well "
+            "(e.g. PagedKVCache(model, window=1024, sinks=4))."
+        )
+    return window, sinks
 
 
 def _real_tokens(attention_mask, batch, tokens, device) -> torch.Tensor:

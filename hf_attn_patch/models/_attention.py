@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ..cache import paged_decode_or_none
+from ..cache.hooks import paged_cache_for
 from ..kernels import flash_attention
 from ..kernels.reference import document_runs, visibility
 
@@ -41,11 +41,16 @@ def attend(
     writes its output in that layout, so the transpose costs nothing.
     """
     query, key, value = autocast_inputs(query, key, value)
-    # A decode step whose K/V live in a PagedKVCache reads them from its pages (hf_attn_patch.cache).
-    paged = paged_decode_or_none(module, query, key, value, key_padding_mask,
-                                 scale=scale, window=window, alibi_slopes=alibi_slopes)
-    if paged is not None:
-        return paged.transpose(1, 2)
+    sinks = 0
+    cache = paged_cache_for(module, key)
+    if cache is not None:
+        # K/V in a PagedKVCache (hf_attn_patch.cache): a streaming cache sets the window and the
+        # sinks of the prompt and of every decode step; a decode step reads the cache's pages.
+        window, sinks = cache.attention_window(window)
+        paged = cache.attend(module.layer_idx, query, key, key_padding_mask, scale=scale, window=window,
+                             alibi_slopes=alibi_slopes, config=getattr(module, "config", None))
+        if paged is not None:
+            return paged.transpose(1, 2)
     out = flash_attention(
         query,
         key,
@@ -56,6 +61,7 @@ def attend(
         alibi_slopes=alibi_slopes,
         scale=scale,
         doc_ids=doc_ids,
+        sinks=sinks,
     )
     return out.transpose(1, 2)
 
