@@ -270,7 +270,7 @@ def test_cache_reused_with_another_model(device):
         (tiny_llama, dict(num_hidden_layers=1)),
         (tiny_mistral, dict(sliding_window=8)),
     ]:
-        cache = PagedKVCache(build_cache(), num_blocks=8, block_size=4)
+        cache = PagedKVCache(build_cache().to(device), num_blocks=8, block_size=4)  # on the device the other model runs on
         before = cache_state(cache)
         torch.manual_seed(0)
         kind = LlamaForCausalLM if build_cache is tiny_llama else MistralForCausalLM
