@@ -13,6 +13,9 @@ import torch
 from hf_attn_patch.kernels import attention_reference, flash_attention
 from tests.helpers import relative_error
 
+# Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
+pytestmark = pytest.mark.kernels
+
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 

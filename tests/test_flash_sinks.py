@@ -20,6 +20,9 @@ from hf_attn_patch.kernels.reference import visibility
 from tests.helpers import relative_error
 from tests.test_flash import TOLERANCE, left_padding_mask, make_inputs
 
+# Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
+pytestmark = pytest.mark.kernels
+
 
 def kernel_and_reference(q, k, v, sink_logits=None, kernel_kv=None, **options):
     """(out, grads, expected, expected_grads) with one upstream gradient; grads are those of q,

@@ -13,6 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
+pytestmark = pytest.mark.kernels
+
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
 
 

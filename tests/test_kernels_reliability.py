@@ -22,6 +22,9 @@ from tests.helpers import relative_error
 from tests.test_flash import kernel_and_reference, make_inputs
 from tests.test_paged import make_paged_inputs
 
+# Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
+pytestmark = pytest.mark.kernels
+
 NAN = float("nan")
 
 

@@ -10,6 +10,9 @@ from hf_attn_patch.kernels import _launch, attention_reference, flash_attention
 
 from .helpers import relative_error
 
+# Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
+pytestmark = pytest.mark.kernels
+
 
 def test_specialisation_follows_tritons_rules():
     spec = _launch._specialisation

@@ -16,6 +16,9 @@ from hf_attn_patch.kernels._checks import window_reach
 from hf_attn_patch.kernels.reference import paged_attention_reference
 from tests.helpers import relative_error
 
+# Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
+pytestmark = pytest.mark.kernels
+
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 

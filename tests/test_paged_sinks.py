@@ -18,6 +18,9 @@ from hf_attn_patch.kernels.reference import paged_attention_reference
 from tests.helpers import relative_error
 from tests.test_paged import TOLERANCE, alibi, make_paged_inputs
 
+# Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
+pytestmark = pytest.mark.kernels
+
 
 def run(q, k_pages, v_pages, block_table, seq_lens, partition_size=None, **options):
     """The kernel, through paged_attention (with the value checks) or forced into partitions."""

@@ -152,6 +152,8 @@ def check_sinks(
     if sink_logits is None:
         return
     q_heads = q.shape[1]
+    if not isinstance(sink_logits, torch.Tensor):
+        raise ValueError(f"sink_logits must be a tensor of shape (num_q_heads,), got {type(sink_logits).__name__}")
     if tuple(sink_logits.shape) != (q_heads,):
         raise ValueError(
             f"sink_logits must have shape (num_q_heads,) = ({q_heads},), got {tuple(sink_logits.shape)}"

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import _paged_triton
-from ._checks import SUPPORTED_HEAD_DIMS, check_device, check_dtypes, window_reach
+from ._checks import SUPPORTED_HEAD_DIMS, check_device, check_dtypes, check_sinks, window_reach
 
 __all__ = ["paged_attention", "write_to_pages"]
 
@@ -156,15 +156,7 @@ def check_paged_inputs(
         if not alibi_slopes.is_floating_point():
             raise ValueError(f"alibi_slopes must be floating point, got {alibi_slopes.dtype}")
         extra.append(alibi_slopes)
-    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-        raise ValueError(f"sinks must be an int >= 0 (the first positions kept visible), got {sinks!r}")
-    if sink_logits is not None:
-        if not isinstance(sink_logits, torch.Tensor) or tuple(sink_logits.shape) != (q_heads,):
-            shape = tuple(sink_logits.shape) if isinstance(sink_logits, torch.Tensor) else type(sink_logits).__name__
-            raise ValueError(f"sink_logits must be a tensor of shape (num_q_heads,) = ({q_heads},), got {shape}")
-        if not sink_logits.is_floating_point():
-            raise ValueError(f"sink_logits must be floating point, got {sink_logits.dtype}")
-        extra.append(sink_logits)
+    check_sinks(q, sinks, sink_logits)
     check_device(q, k_pages, v_pages, block_table, seq_lens, *extra)
 
 
