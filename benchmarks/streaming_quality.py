@@ -55,6 +55,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never 
 
 import torch
 
+from hf_attn_patch.cache import streaming_blocks
+
 from _common import (RESULTS_DIR, environment, error_string, free_memory, latest_run, read_results, results_path,
                      write_results)
 from _quality import (header_row, load_model, markdown_table, print_table, run_info, stdlib_files, train,
@@ -453,14 +455,8 @@ def kv_tokens(pattern: dict, stream_len: int, block_size: int) -> tuple[int, str
     window and sinks (the sinks' blocks, the blocks W consecutive positions touch, one more)."""
     if pattern["window"] is None:
         return stream_len, "the whole stream"
-    try:
-        from hf_attn_patch.cache.allocator import streaming_blocks
-    except ImportError:  # a checkout without streaming in the cache: the same count, written out
-        blocks = math.ceil(pattern["sinks"] / block_size) + math.ceil((pattern["window"] - 1) / block_size) + 1
-        source = "ceil(S / block) + ceil((W - 1) / block) + 1 blocks"
-    else:
-        blocks = streaming_blocks(pattern["window"], pattern["sinks"], block_size)
-        source = "hf_attn_patch.cache.allocator.streaming_blocks"
+    blocks = streaming_blocks(pattern["window"], pattern["sinks"], block_size)
+    source = "hf_attn_patch.cache.streaming_blocks"
     return min(blocks * block_size, math.ceil(stream_len / block_size) * block_size), source
 
 
