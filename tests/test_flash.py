@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_attn_patch.kernels import attention_reference, flash_attention
-from tests.helpers import relative_error
+from tests.helpers import assert_compiled_matches_eager, relative_error
 
 # Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
 pytestmark = pytest.mark.kernels
@@ -183,15 +183,7 @@ def test_compiles_without_graph_breaks(device):
         out = flash_attention(q, k, v, causal=True, window=8)
         return (out * out).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref_loss = step(*ref_leaves)
-    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
-    assert relative_error(loss, ref_loss) < 1e-6
-    for got, want in zip(grads, ref_grads):
-        assert relative_error(got, want) < 1e-6
+    assert_compiled_matches_eager(step, (q, k, v))
 
 
 BAD_INPUTS = {

@@ -17,7 +17,7 @@ import triton.language as tl
 from hf_attn_patch.kernels import _flash_triton, attention_reference, flash_attention
 from hf_attn_patch.kernels._checks import window_reach
 from hf_attn_patch.kernels.reference import visibility
-from tests.helpers import relative_error
+from tests.helpers import assert_compiled_matches_eager, relative_error
 from tests.test_flash import TOLERANCE, left_padding_mask, make_inputs
 
 # Kernels only, no transformers: CI runs this file on one transformers release (see .ci/run).
@@ -146,15 +146,7 @@ def test_compiles_without_graph_breaks(device):
         return (out * out).sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v, sink_logits)
-    grads = torch.autograd.grad(loss, (q, k, v, sink_logits))
-    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sink_logits)]
-    ref_loss = step(*ref_leaves)
-    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
-    assert relative_error(loss, ref_loss) < 1e-6
-    for got, want in zip(grads, ref_grads):
-        assert relative_error(got, want) < 1e-6
+    assert_compiled_matches_eager(step, (q, k, v, sink_logits))
 
 
 BAD_INPUTS = {

@@ -172,6 +172,20 @@ def stock_logits(model, tokens: torch.Tensor, window: int, sinks: int) -> torch.
         return model(input_ids=tokens, attention_mask=mask).logits
 
 
+def generate_streaming(model, prompt, new_tokens, *, window, sinks, block_size, cuda_graphs):
+    """Greedy generation, patched, through a streaming cache of streaming_blocks(...) blocks:
+    (generate's output with its logits, the cache)."""
+    cache = PagedKVCache(model, num_blocks=streaming_blocks(window, sinks, block_size), block_size=block_size,
+                         window=window, sinks=sinks, max_seq_len=prompt.shape[1] + new_tokens)
+    patch_model(model, cuda_graphs=cuda_graphs)
+    try:
+        out = model.generate(input_ids=prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                             past_key_values=cache, output_logits=True, return_dict_in_generate=True)
+    finally:
+        unpatch_model(model)
+    return out, cache
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
 def test_patched_llama_streams_like_the_masked_stock_model(cuda_graphs, device):
     """Greedy generation through a streaming cache (W=16, S=4, blocks of 4, a pool of S + W + one
@@ -184,14 +198,8 @@ def test_patched_llama_streams_like_the_masked_stock_model(cuda_graphs, device):
     model = tiny_llama(device)
     prompt = torch.randint(2, LLAMA["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
-    cache = PagedKVCache(model, num_blocks=streaming_blocks(window, sinks, block_size), block_size=block_size,
-                         window=window, sinks=sinks, max_seq_len=prompt_len + new_tokens)
-    patch_model(model, cuda_graphs=cuda_graphs)
-    try:
-        out = model.generate(input_ids=prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                             past_key_values=cache, output_logits=True, return_dict_in_generate=True)
-    finally:
-        unpatch_model(model)
+    out, cache = generate_streaming(model, prompt, new_tokens, window=window, sinks=sinks, block_size=block_size,
+                                    cuda_graphs=cuda_graphs)
     tokens = out.sequences
     assert tokens.shape[1] == prompt_len + new_tokens
     got = torch.stack(out.logits, dim=1)  # (1, new_tokens, V)
@@ -238,14 +246,8 @@ def test_gpu_patched_llama_streams_100k_tokens_in_a_bounded_pool(device):
     window, sinks, block_size, new_tokens = 256, 4, 16, 100_000
     model = tiny_llama(device, max_position_embeddings=200_000)
     prompt = torch.randint(2, LLAMA["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(4)).to(device)
-    cache = PagedKVCache(model, num_blocks=streaming_blocks(window, sinks, block_size), block_size=block_size,
-                         window=window, sinks=sinks, max_seq_len=110_000)
-    patch_model(model, cuda_graphs=True)
-    try:
-        out = model.generate(input_ids=prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                             past_key_values=cache, output_logits=True, return_dict_in_generate=True)
-    finally:
-        unpatch_model(model)
+    out, cache = generate_streaming(model, prompt, new_tokens, window=window, sinks=sinks, block_size=block_size,
+                                    cuda_graphs=True)
     tokens = out.sequences
     assert tokens.shape[1] == 8 + new_tokens
     stats = cache.stats()
