@@ -19,9 +19,8 @@ from packaging.version import Version
 
 # Keep in step with the `transformers` requirement in pyproject.toml (a test checks they agree).
 # The upper bound is the first minor release CI has not run yet; raising it comes with a green CI
-# run on the new version. (5.25.0 is out, but it needs `kernels>=0.19.1`, which the package
-# registry we install from does not have yet: 5.24 is the newest release a user can install.)
-TESTED_TRANSFORMERS = ">=5.17,<5.25"
+# run on the new version.
+TESTED_TRANSFORMERS = ">=5.17,<5.26"
 
 __all__ = [
     "TESTED_TRANSFORMERS",
@@ -32,6 +31,8 @@ __all__ = [
     "is_continuous_batching_call",
     "cache_update_positions",
     "cache_keyword",
+    "falcon_attention_classes",
+    "falcon_uses_attention_interface",
 ]
 
 
@@ -140,6 +141,25 @@ def cache_keyword(kwargs: dict) -> str:
     """The name a model's forward was given its cache under: 5.24 renamed `past_key_values` to
     `cache` (the old name still works there, with a deprecation warning); pass on the same one."""
     return "cache" if "cache" in kwargs else "past_key_values"
+
+
+# --- Falcon ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def falcon_attention_classes() -> dict | None:
+    """Up to 5.24 FalconDecoderLayer picks its attention class by implementation name from
+    `FALCON_ATTENTION_CLASSES`, and FalconAttention computes attention itself, taking the ALiBi
+    tensor as an argument. 5.25 removed the dict: FalconAttention calls transformers' attention
+    interface like Llama, and ALiBi reaches it added into the 4-D attention mask. None there."""
+    from transformers.models.falcon import modeling_falcon
+
+    return getattr(modeling_falcon, "FALCON_ATTENTION_CLASSES", None)
+
+
+def falcon_uses_attention_interface() -> bool:
+    """Does FalconAttention call transformers' attention interface (from 5.25)?"""
+    return falcon_attention_classes() is None
 
 
 # --- packed sequences (position_ids that restart, no attention mask) -----------------------------

@@ -54,6 +54,7 @@ def forbid_stock_attention(monkeypatch, families: tuple[str, ...], message: str)
     monkeypatch.setattr(transformers.masking_utils, "sdpa_mask", forbidden)
     monkeypatch.setattr(transformers.masking_utils, "eager_mask", forbidden)
     for family in families:
-        modeling = getattr(transformers.models, family)
-        monkeypatch.setattr(getattr(modeling, f"modeling_{family}"), "eager_attention_forward", forbidden)
+        modeling = getattr(getattr(transformers.models, family), f"modeling_{family}")
+        if hasattr(modeling, "eager_attention_forward"):  # Falcon has one from transformers 5.25
+            monkeypatch.setattr(modeling, "eager_attention_forward", forbidden)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", forbidden)

@@ -37,8 +37,9 @@ def test_tested_range_is_the_one_pyproject_states():
         f"the suite runs on transformers {transformers.__version__}, outside {_compat.TESTED_TRANSFORMERS}")
 
 
-@pytest.mark.parametrize("version,inside", [("5.17.0", True), ("5.24.0", True), ("5.24.1", True),
-                                            ("5.16.1", False), ("5.25.0", False), ("5.25.0.dev0", False),
+@pytest.mark.parametrize("version,inside", [("5.17.0", True), ("5.24.0", True), ("5.25.0", True),
+                                            ("5.25.1", True), ("5.16.1", False), ("5.26.0", False),
+                                            ("5.26.0.dev0", False),
                                             ("6.0.0", False)])
 def test_tested_range_bounds(version, inside):
     assert _compat.transformers_in_tested_range(version) is inside

@@ -9,10 +9,13 @@ that span tile boundaries are both in every layout.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import (BertConfig, BertModel, FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM)
+from transformers.masking_utils import create_bidirectional_mask
 
 from hf_attn_patch import patch_model
 from hf_attn_patch.kernels import flash_attention
@@ -246,6 +249,28 @@ def test_falcon_packed_matches_stock(layout, device, monkeypatch):
         patch_model(model)
         monkeypatch.setattr(falcon, "_eager_fallback", None)  # the kernel path only
         ours = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    assert relative_error(ours, stock) < 1e-4
+
+
+def test_bert_packed_matches_stock(device, monkeypatch):
+    """BERT answers a packed row as stock transformers does: one sequence up to 5.24 (BertModel
+    builds its mask without position_ids); from 5.25 documents apart, each bidirectional, and
+    then on the kernel with document ids, never on a 4-D mask."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertModel(config).to(device).eval()
+    input_ids, position_ids = packed_batch(MODEL_LENGTHS, device)
+    with torch.no_grad():
+        stock = model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        alone = torch.cat([model(input_ids=part).last_hidden_state
+                           for part in input_ids.split(MODEL_LENGTHS, dim=1)], dim=1)
+        documents_apart = "position_ids" in inspect.signature(create_bidirectional_mask).parameters
+        assert (relative_error(stock, alone) < 1e-5) is documents_apart
+        patch_model(model)
+        if documents_apart:
+            forbid_stock_attention(monkeypatch, ("bert",), "a packed BERT batch left the kernel")
+        ours = model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
     assert relative_error(ours, stock) < 1e-4
 
 

@@ -224,7 +224,7 @@ def test_stock_attention_is_not_called(case, device, monkeypatch):
     model, inputs = build(case, device), batch(device, case.decoder)
     patch_model(model)
 
-    forbid_stock_attention(monkeypatch, ("llama", "mistral", "bert"),
+    forbid_stock_attention(monkeypatch, ("llama", "mistral", "falcon", "bert"),
                            "stock attention or a (B, 1, Nq, Nk) mask was used on the patched path")
 
     logits(model, inputs)

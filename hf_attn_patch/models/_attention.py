@@ -130,8 +130,11 @@ def dense_mask(
     key_padding_mask: torch.Tensor | None,
     dtype: torch.dtype,
     doc_ids: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The additive (B or 1, 1, Nq, Nk) mask that eager attention needs for the kernels' semantics.
+    """The additive (B or 1, 1 or Hq, Nq, Nk) mask that eager attention needs for the kernels'
+    semantics: 0 (or with `alibi_slopes`, the ALiBi bias -slope_h * distance) where a key is
+    visible, the dtype's minimum where not.
 
     Only the fallbacks build it (output_attentions, dropout in training): the kernel path never
     materialises a mask of this size.
@@ -146,6 +149,9 @@ def dense_mask(
         runs = document_runs(doc_ids.to(key.device))
         visible = visible & (runs[:, None, :, None] == runs[:, None, None, :])
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=key.device)
+    if alibi_slopes is not None:
+        bias = -alibi_slopes.to(device=key.device, dtype=torch.float32)[:, None, None] * distance
+        return torch.where(visible, bias.to(dtype), blocked)
     return torch.where(visible, torch.zeros((), dtype=dtype, device=key.device), blocked)
 
 

@@ -1,15 +1,17 @@
 """Our entries in transformers' attention and mask interfaces.
 
-Llama, Mistral and BERT call attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`
-and build their mask through `ALL_MASK_ATTENTION_FUNCTIONS[...]`. Registering both under
-`ATTN_IMPLEMENTATION` and pointing a model's config at that name moves its attention onto the
-kernels without copying modeling code. Falcon uses only the mask entry (its attention forward is
-swapped per instance), so that it too stops building a (B, 1, Nq, Nk) mask.
+Llama, Mistral and BERT (and Falcon from transformers 5.25) call attention through
+`ALL_ATTENTION_FUNCTIONS[config._attn_implementation]` and build their mask through
+`ALL_MASK_ATTENTION_FUNCTIONS[...]`. Registering both under `ATTN_IMPLEMENTATION` and pointing a
+model's config at that name moves its attention onto the kernels without copying modeling code.
+Falcon up to 5.24 uses only the mask entry (its attention forward is swapped per instance), so
+that it too stops building a (B, 1, Nq, Nk) mask.
 
 The mask entry returns the 2-D key padding mask (bool, or None when nothing is padded), or for
 packed sequences the (B, N) int32 document ids; never a (B, 1, Nq, Nk) mask. Mask patterns the
 kernel cannot express (custom overlays) get transformers' own sdpa mask, and the attention entry
-hands those calls to stock sdpa.
+hands those calls to stock sdpa. A family whose modeling code adds something of its own into the
+mask between the two entries (Falcon's ALiBi, from 5.25) registers a `MaskFold` saying how.
 """
 
 from __future__ import annotations
@@ -30,13 +32,50 @@ from ._attention import (align_to_keys, attend, dense_mask, padding_or_documents
 # those substrings of the implementation name.
 ATTN_IMPLEMENTATION = "hf_attn_patch"
 
-__all__ = ["ATTN_IMPLEMENTATION", "register", "attention_forward", "key_padding_mask"]
+# The keyword a family's attention module adds to the attention call when the caller asked for
+# attention weights and the module does not pass `output_attentions` on itself (Falcon, 5.25).
+OUTPUT_ATTENTIONS = "hf_attn_patch_output_attentions"
+
+__all__ = ["ATTN_IMPLEMENTATION", "OUTPUT_ATTENTIONS", "MaskFold", "register", "register_mask_fold", "attention_forward",
+           "key_padding_mask"]
 
 
 def register() -> None:
     """Make `ATTN_IMPLEMENTATION` known to transformers (idempotent, global, harmless to others)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, key_padding_mask)
+
+
+class MaskFold:
+    """A family's modeling code that adds a bias into the mask between our two entries.
+
+    applies(config): does this model do it?
+    shape(padding, device): what our mask entry returns instead of the 2-D padding mask (or None),
+        so that the family's arithmetic on it gives a tensor the attention entry can read back;
+    unfold(module, mask): from what reached the attention entry, (the (B, n) padding mask, the
+        (Hq,) ALiBi slopes for the kernel), or None when it is a dense mask after all.
+    """
+
+    def applies(self, config) -> bool:
+        raise NotImplementedError
+
+    def shape(self, padding: torch.Tensor | None, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unfold(self, module: torch.nn.Module, mask: torch.Tensor):
+        raise NotImplementedError
+
+
+_MASK_FOLDS: list[MaskFold] = []
+
+
+def register_mask_fold(fold: MaskFold) -> None:
+    if fold not in _MASK_FOLDS:
+        _MASK_FOLDS.append(fold)
+
+
+def _fold_for(config) -> MaskFold | None:
+    return next((fold for fold in _MASK_FOLDS if fold.applies(config)), None)
 
 
 # --- attention ----------------------------------------------------------------------------------
@@ -58,6 +97,13 @@ def attention_forward(
         causal = getattr(module, "is_causal", True)
     window = kwargs.get("sliding_window")
 
+    alibi_slopes = None
+    fold = _fold_for(module.config) if _MASK_FOLDS else None
+    if fold is not None and isinstance(attention_mask, torch.Tensor):
+        unfolded = fold.unfold(module, attention_mask)
+        if unfolded is not None:
+            attention_mask, alibi_slopes = unfolded
+
     if not (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)):
         return _stock_with_dense_mask(module, query, key, value, attention_mask, scaling, dropout, kwargs)
 
@@ -67,7 +113,8 @@ def attention_forward(
         doc_ids = _documents_while_compiling(kwargs.get("position_ids"), query.shape[0], query.shape[2], k_len)
     attention_mask, key, value = align_to_keys(attention_mask, key, value)
 
-    wants_weights = kwargs.get("output_attentions") or getattr(module.config, "output_attentions", False)
+    wants_weights = (kwargs.pop(OUTPUT_ATTENTIONS, False) or kwargs.get("output_attentions")
+                     or getattr(module.config, "output_attentions", False))
     if wants_weights or (dropout > 0 and module.training):
         if wants_weights:
             warn_once(
@@ -84,13 +131,13 @@ def attention_forward(
             )
         mask = dense_mask(
             query.shape[2], key, causal=causal, window=window, key_padding_mask=attention_mask, dtype=query.dtype,
-            doc_ids=doc_ids,
+            doc_ids=doc_ids, alibi_slopes=alibi_slopes,
         )
         out, weights = _stock_eager(module, query, key, value, mask, scaling, dropout, kwargs)
         return out, weights_over_keys(weights, k_len)
 
     out = attend(module, query, key, value, causal=causal, window=window, key_padding_mask=attention_mask,
-                 scale=scaling, doc_ids=doc_ids)
+                 alibi_slopes=alibi_slopes, scale=scaling, doc_ids=doc_ids)
     return out, None
 
 
@@ -191,30 +238,36 @@ def key_padding_mask(
     back in as the 2-D attention mask when the cache is compileable; it must mean the same then.
 
     Packed sequences (transformers found position_ids restarting, with no attention mask and no
-    cache): the ids it computed, one per document, go to the kernel as they are, on the device.
+    cache): the ids it computed, one per document, go to the kernel as they are, on the device;
+    causal (decoders) or bidirectional (encoders, from transformers 5.25) alike.
+
+    A model with a `MaskFold` (Falcon with ALiBi, from 5.25) gets its padding in the fold's shape,
+    and transformers' own mask where the fold cannot carry what the kernel needs (documents).
     """
+    mask_args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    mask = _kernel_mask(**mask_args)
+    fold = _fold_for(kwargs.get("config")) if _MASK_FOLDS else None
+    if fold is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+        return mask
+    if mask is not None and mask.dtype == torch.int32:
+        return _stock_mask(**mask_args)
+    return fold.shape(mask, kwargs.get("device", "cpu"))
+
+
+def _kernel_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs):
+    """`key_padding_mask` for a model that takes our masks as they are."""
     device = kwargs.get("device", attention_mask.device if attention_mask is not None else "cpu")
     # Under torch.compile the closures cannot be inspected (see _pattern).
     packed = None if torch.compiler.is_compiling() else packed_documents(mask_function)
     if packed is not None:
         doc_ids, base = packed
-        if _pattern(base) == "causal" and attention_mask is None:
+        if _pattern(base) is not None and attention_mask is None:
             return doc_ids.to(device=device, dtype=torch.int32).expand(batch_size, -1)
     pattern = _pattern(mask_function)
     if pattern is None:
-        rest = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
-        return masking_utils.sdpa_mask(
-            batch_size=batch_size,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=q_offset,
-            kv_offset=kv_offset,
-            mask_function=mask_function,
-            attention_mask=attention_mask,
-            allow_is_causal_skip=False,
-            allow_is_bidirectional_skip=False,
-            **rest,
-        )
+        return _stock_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                           **kwargs)
 
     keys_end = kv_offset + kv_length
     padding = None
@@ -232,6 +285,23 @@ def key_padding_mask(
     if padding is not None and not torch.compiler.is_compiling() and bool(padding[:, kv_offset:].all()):
         return None
     return padding
+
+
+def _stock_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs):
+    """transformers' own (B, 1, Nq, Nk) sdpa mask, for patterns the kernel cannot express."""
+    rest = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
+    return masking_utils.sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False,
+        **rest,
+    )
 
 
 _AND_CODE = masking_utils.and_masks(masking_utils.causal_mask_function).__code__

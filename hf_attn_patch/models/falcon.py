@@ -1,23 +1,36 @@
 """Falcon in its three layouts: rotary + multi-query (Falcon-7B), rotary + grouped K/V with
 `new_decoder_architecture` (Falcon-40B/180B), and ALiBi + multi-head (Falcon-RW).
 
-Falcon does not call transformers' attention interface, so each attention module's `forward`
-is swapped, per instance, for `_falcon_forward`; the config still points at our implementation
-so that FalconModel asks our mask entry for its mask (2-D, not (B, 1, Nq, Nk)).
+How Falcon reaches the kernels depends on the transformers version (`_compat`):
 
-Differences from the stock forward, on purpose:
+* From 5.25 FalconAttention calls transformers' attention interface, as Llama does, and the
+  config switch moves it onto our attention entry (the module's forward is only wrapped, to
+  tell our entry when attention weights are asked for). FalconModel adds ALiBi into the mask
+  before attention: it takes whatever our mask entry returned, turns it into an additive mask
+  and fills in slope * position / sqrt(head_dim) where keys are visible. `ALIBI_IN_MASK` makes
+  that work: our mask entry gives this family its padding as (B, 1, 1, n) (or (1, 1, 1, 1) with
+  nothing padded), so the sum FalconModel forms is (B, H, 1, n), and the attention entry reads
+  the padding back from it and runs the kernel with these ALiBi slopes. Masks with more than one
+  query row (a caller's 4-D mask, packed ALiBi rows) stay dense and run on stock attention.
+* Up to 5.24 Falcon does not call the interface, so each attention module's `forward` is
+  swapped, per instance, for `_falcon_forward`; the config still points at our implementation
+  so that FalconModel asks our mask entry for its mask (2-D, not (B, 1, Nq, Nk)).
+
+Differences from the stock forward of 5.24 and before, on purpose:
 * With `new_decoder_architecture`, stock Falcon broadcasts K/V to every query head before it
   caches them (128 heads a layer for Falcon-40B). Here the cache holds the KV groups only (8),
-  and the kernel reads each group for its query heads.
-* ALiBi slopes are those of `build_alibi_tensor` (bfloat16-rounded, as stock rounds them), but
-  the bias slope * (j - i) is formed in float32 inside the kernel, where stock rounds the product
-  slope * position to bfloat16; the two agree exactly while positions times slopes are exact in
-  bfloat16 and drift apart slightly on long sequences with non-power-of-two slopes.
+  and the kernel reads each group for its query heads. (5.25 caches the groups itself.)
 * Fallbacks (output_attentions=True; ALiBi attention dropout in training; a caller's 4-D mask)
   compute eager attention in PyTorch on these same, grouped K/V rather than calling the stock
   forward, which could not read the grouped cache (and whose eager ALiBi branch in
   transformers 5.x adds the ALiBi bias twice). Rotary Falcon applies no attention dropout in
-  stock transformers, and neither does the kernel path.
+  stock transformers up to 5.24, and neither does the kernel path.
+
+On every version: ALiBi slopes are those of `build_alibi_tensor` (bfloat16-rounded, as stock
+rounds them), but the bias slope * (j - i) is formed in float32 inside the kernel, where stock
+rounds the product slope * position to bfloat16; the two agree exactly while positions times
+slopes are exact in bfloat16 and drift apart slightly on long sequences with non-power-of-two
+slopes.
 """
 
 from __future__ import annotations
@@ -25,18 +38,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers.models.falcon.modeling_falcon import (
-    FALCON_ATTENTION_CLASSES,
     FalconAttention,
     FalconPreTrainedModel,
     apply_rotary_pos_emb,
     build_alibi_tensor,
 )
 
+from .._compat import falcon_attention_classes, falcon_uses_attention_interface
 from ._attention import align_to_keys, attend, dense_mask, padding_or_documents, warn_once, weights_over_keys
 from ._family import Family, Undo, head_dim_problem
-from ._interface import ATTN_IMPLEMENTATION
+from ._interface import ATTN_IMPLEMENTATION, OUTPUT_ATTENTIONS, MaskFold, register_mask_fold
 
 __all__ = ["FAMILY"]
+
+
+# --- up to 5.24: the attention forward swapped per instance ---------------------------------------
 
 
 def _patch_module(module: FalconAttention) -> Undo:
@@ -151,13 +167,8 @@ def _eager_fallback(module, query, key, value, attention_mask, alibi_slopes, dro
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
         scores = scores + mask.float()
     else:
-        if alibi_slopes is not None:
-            k_len, q_len = key.shape[2], query.shape[2]
-            distance = torch.arange(k_len, device=key.device)[None, :] - (
-                torch.arange(q_len, device=key.device)[:, None] + k_len - q_len)
-            scores = scores + alibi_slopes[:, None, None] * distance
-        scores = scores + dense_mask(query.shape[2], key, causal=True, window=None,
-                                     key_padding_mask=attention_mask, dtype=torch.float32, doc_ids=doc_ids)
+        scores = scores + dense_mask(query.shape[2], key, causal=True, window=None, key_padding_mask=attention_mask,
+                                     dtype=torch.float32, doc_ids=doc_ids, alibi_slopes=alibi_slopes)
     probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=module.training).to(query.dtype)
     return (probs @ value).transpose(1, 2), (probs if output_attentions else None)
 
@@ -194,9 +205,74 @@ class KernelFalconAttention(FalconAttention):
                                layer_past, output_attentions, position_embeddings)
 
 
+# --- from 5.25: ALiBi comes added into the attention mask -----------------------------------------
+
+
+class _AlibiInMask(MaskFold):
+    """FalconModel (5.25) adds ALiBi into whatever our mask entry returns; take it back out."""
+
+    def applies(self, config) -> bool:
+        return getattr(config, "model_type", None) == "falcon" and bool(getattr(config, "alibi", False))
+
+    def shape(self, padding: torch.Tensor | None, device) -> torch.Tensor:
+        # FalconModel computes where(mask, 0, min) for a bool mask, then fills ALiBi (B, H, 1, n)
+        # where that is not blocked: a (B, 1, 1, n) mask broadcasts into it, a (B, n) would not.
+        if padding is None:
+            return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+        return padding[:, None, None, :]
+
+    def unfold(self, module, mask: torch.Tensor):
+        if mask.dim() != 4 or mask.shape[2] != 1 or not mask.is_floating_point():
+            return None  # several query rows: a real 4-D mask, left to stock attention
+        # Blocked keys hold finfo.min; visible ones slope * position / sqrt(head_dim) >= 0. One
+        # query row: every visible key of it is a key the kernel's causal rule lets it see.
+        padding = mask[:, 0, 0, :] > torch.finfo(mask.dtype).min / 2
+        return padding, _slopes_for(module, mask.device)
+
+
+ALIBI_IN_MASK = _AlibiInMask()
+
+# (heads, scale, device) -> slopes; a plain dict, so that unpatching leaves the modules as they were.
+_SLOPES: dict[tuple, torch.Tensor] = {}
+
+
+def _slopes_for(module: FalconAttention, device: torch.device) -> torch.Tensor:
+    key = (module.num_heads, module.inv_norm_factor, device)
+    if key not in _SLOPES:
+        _SLOPES[key] = _AlibiSlopes(module).on(device)
+    return _SLOPES[key]
+
+
+def _pass_output_attentions(module: FalconAttention) -> Undo:
+    """From 5.25: wrap the stock forward so that a call asking for attention weights says so to
+    our attention entry (stock keeps `output_attentions` to itself, and stock sdpa returns no
+    weights; ours computes them in eager PyTorch, as for Llama)."""
+    undo = _RestoreForward(module, "forward" in module.__dict__, module.__dict__.get("forward"))
+    module.forward = _ForwardAskingForWeights(module, module.__dict__.get("forward"))
+    return undo
+
+
+class _ForwardAskingForWeights:
+    def __init__(self, module: FalconAttention, previous):
+        self.module = module
+        self.previous = previous
+
+    def __call__(self, *args, output_attentions=False, **kwargs):
+        if output_attentions:
+            kwargs[OUTPUT_ATTENTIONS] = True
+        if self.previous is not None:
+            return self.previous(*args, output_attentions=output_attentions, **kwargs)
+        return type(self.module).forward(self.module, *args, output_attentions=output_attentions, **kwargs)
+
+
 def register_attention_class() -> None:
-    """Let Falcon build models from a config that names our implementation (idempotent)."""
-    FALCON_ATTENTION_CLASSES[ATTN_IMPLEMENTATION] = KernelFalconAttention
+    """Let Falcon run from a config that names our implementation (idempotent): up to 5.24 an
+    attention class under that name, from 5.25 the ALiBi mask fold."""
+    classes = falcon_attention_classes()
+    if classes is not None:
+        classes[ATTN_IMPLEMENTATION] = KernelFalconAttention
+    else:
+        register_mask_fold(ALIBI_IN_MASK)
 
 
 FAMILY = Family(
@@ -204,5 +280,7 @@ FAMILY = Family(
     model_classes=(FalconPreTrainedModel,),
     attention_classes=(FalconAttention,),
     problem=lambda module: head_dim_problem(module, module.head_dim),
-    patch_module=_patch_module,
+    # From 5.25 the config switch moves attention, as for Llama; the forward only gets wrapped
+    # to pass output_attentions on.
+    patch_module=_pass_output_attentions if falcon_uses_attention_interface() else _patch_module,
 )
