@@ -244,12 +244,17 @@ def _autotune_enabled() -> bool:
     return os.environ.get("HF_ATTN_PATCH_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
 
 
-def set_autotuning(enabled: bool) -> None:
+def set_autotuning(enabled: bool, candidates: dict[str, list[tuple]] | None = None) -> None:
     """Turn autotuning on or off for later launches, whatever HF_ATTN_PATCH_AUTOTUNE said at
-    import (the GPU tests of the tuned configs turn it on). Forgets every choice made so far."""
-    for kernel, blocks in ((_fwd_kernel, _FWD_BLOCKS), (_bwd_dkdv_kernel, _DKDV_BLOCKS),
-                           (_bwd_dq_kernel, _DQ_BLOCKS)):
-        kernel.configs = _configs(blocks, tuned=enabled)
+    import (the GPU tests of the tuned configs turn it on). Forgets every choice made so far.
+
+    candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples to tune over instead of the
+    shipped ones, per kernel ("fwd", "dkdv", "dq"); for benchmarks/tune_sweep.py.
+    """
+    candidates = candidates or {}
+    for name, kernel, blocks in (("fwd", _fwd_kernel, _FWD_BLOCKS), ("dkdv", _bwd_dkdv_kernel, _DKDV_BLOCKS),
+                                 ("dq", _bwd_dq_kernel, _DQ_BLOCKS)):
+        kernel.configs = _configs(candidates.get(name, blocks), tuned=enabled)
         kernel.cache.clear()
     _CHOSEN_CONFIGS.clear()
 
