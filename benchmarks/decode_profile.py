@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="rows decoded together (generate.py's B=16 row: --batch 16 --prompt 512)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--interleaved-only", action="store_true", help="skip the profiles")
@@ -50,8 +52,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     model = build("llama", FULL.llama, device, torch.bfloat16)
-    inputs = random_prompts(1, args.prompt, model.config.vocab_size, device)
-    report = {"environment": environment(), "prompt_len": args.prompt, "steps": args.steps, "providers": {}}
+    inputs = random_prompts(args.batch, args.prompt, model.config.vocab_size, device)
+    report = {"environment": environment(), "batch": args.batch, "prompt_len": args.prompt, "steps": args.steps,
+              "providers": {}}
     if args.pieces_only:
         report["pieces_us_per_call"] = pieces(model, device)
         print(json.dumps(report["pieces_us_per_call"], indent=1))
@@ -102,7 +105,7 @@ def interleaved(model, inputs, rounds: int, steps: int) -> dict:
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     for _ in range(1 if synced else steps):
-                        mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+                        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
                         ids = step(model, cache, ids, mask)
                     seconds = (time.perf_counter() - start) / (1 if synced else steps)
                     torch.cuda.synchronize()
@@ -134,11 +137,11 @@ def profile_provider(model, inputs, steps, provider) -> dict:
         cache, ids = prefill(model, inputs)
         mask = inputs["attention_mask"]
         for _ in range(3):
-            mask = torch.cat([mask, mask.new_ones(1, 1)], 1) if with_mask else None
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1) if with_mask else None
             ids = step(model, cache, ids, mask)
         times = []
         for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(1, 1)], 1) if with_mask else None
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1) if with_mask else None
             torch.cuda.synchronize()
             start = time.perf_counter()
             ids = step(model, cache, ids, mask)
@@ -155,7 +158,7 @@ def profile_provider(model, inputs, steps, provider) -> dict:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(5):
-                mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
                 ids = step(model, cache, ids, mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -170,11 +173,19 @@ def profile_provider(model, inputs, steps, provider) -> dict:
     mask = inputs["attention_mask"]
     with labelled(record_function), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             ids = step(model, cache, ids, mask)
         torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
     result["host_self_ms_per_step"] = {e.key[:90]: round(e.self_cpu_time_total / 1e3 / steps, 4) for e in rows}
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us: dict[str, float] = {}
+    for e in kernels:
+        kernel_us[e.name[:80]] = kernel_us.get(e.name[:80], 0.0) + (getattr(e, "device_time", None) or e.cuda_time)
+    result["gpu_busy_ms_per_step"] = round(sum(kernel_us.values()) / 1e3 / steps, 4)
+    result["kernels_per_step"] = len(kernels) / steps
+    result["top_kernels_ms_per_step"] = {
+        name: round(us / 1e3 / steps, 4) for name, us in sorted(kernel_us.items(), key=lambda kv: -kv[1])[:12]}
     labels = [e for e in prof.key_averages() if e.key.startswith("hf_attn_patch.")]
     result["labelled_total_ms_per_step"] = {e.key: round(e.cpu_time_total / 1e3 / steps, 4) for e in labels}
     result["labelled_calls_per_step"] = {e.key: e.count / steps for e in labels}
@@ -187,7 +198,7 @@ def profile_provider(model, inputs, steps, provider) -> dict:
     start = time.perf_counter()
     profiler.enable()
     for _ in range(steps):
-        mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         ids = step(model, cache, ids, mask)
     torch.cuda.synchronize()
     profiler.disable()
