@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--interleaved-only", action="store_true", help="skip the profiles")
     parser.add_argument("--pieces-only", action="store_true", help="only the per-call host cost of each piece")
+    parser.add_argument("--in-situ-only", action="store_true",
+                        help="only the host time spent inside each part of real decode steps")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     model = build("llama", FULL.llama, device, torch.bfloat16)
@@ -58,6 +60,17 @@ def main(argv=None) -> int:
     if args.pieces_only:
         report["pieces_us_per_call"] = pieces(model, device)
         print(json.dumps(report["pieces_us_per_call"], indent=1))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+        return 0
+    if args.in_situ_only:
+        report["in_situ_ms_per_step"] = {}
+        for provider in ("sdpa", "patched", "sdpa", "patched"):  # twice: the host drifts
+            with torch.no_grad(), provider_context(model, provider):
+                row = in_situ(model, inputs, args.steps)
+            report["in_situ_ms_per_step"].setdefault(provider, []).append(row)
+            print(provider, json.dumps(row), flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=1))
@@ -209,6 +222,70 @@ def profile_provider(model, inputs, steps, provider) -> dict:
         print(f"\n===== {provider}: cProfile by {order} =====\n{text.getvalue()}")
         result[f"cprofile_{order}"] = text.getvalue().splitlines()[:60]
     return result
+
+
+def in_situ(model, inputs, steps: int) -> dict:
+    """Host time inside each part of real decode steps (a synchronised step each, no profiler:
+    two perf_counter calls per wrapped call). The steps run twice over the same KV lengths and
+    the second pass is reported, so stock sdpa has its cuDNN plans for every length by then."""
+    for measured in (False, True):
+        cache, ids = prefill(model, inputs)
+        mask = inputs["attention_mask"]
+        with timed_parts() as spent:
+            totals = []
+            for _ in range(steps):
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                ids = step(model, cache, ids, mask)
+                torch.cuda.synchronize()
+                totals.append(time.perf_counter() - start)
+    row = {"step_median": round(1e3 * statistics.median(totals), 3), "step_min": round(1e3 * min(totals), 3)}
+    row.update({name: round(1e3 * seconds / steps, 3) for name, seconds in spent.items()})
+    return row
+
+
+@contextlib.contextmanager
+def timed_parts():
+    """Accumulated wall time inside the model's parts and ours, by name."""
+    from transformers.models.llama import modeling_llama
+    from transformers.modeling_utils import AttentionInterface
+
+    from hf_attn_patch.kernels import _flash_triton, flash as flash_module
+    from hf_attn_patch.models import _attention
+
+    spent: dict[str, float] = {}
+
+    def timing(name, original):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    parts = [
+        (modeling_llama.LlamaModel, "forward", "model forward"),
+        (modeling_llama, "create_causal_mask", "mask creation"),
+        (modeling_llama.LlamaDecoderLayer, "forward", "decoder layers"),
+        (modeling_llama.LlamaAttention, "forward", "attention modules"),
+        (modeling_llama.LlamaMLP, "forward", "MLPs"),
+        (modeling_llama.LlamaRMSNorm, "forward", "RMSNorms"),
+        (modeling_llama, "apply_rotary_pos_emb", "rotary"),
+        (_attention, "flash_attention", "ours: flash_attention"),
+        (flash_module, "check_attention_inputs", "ours: input checks"),
+        (flash_module._flash_triton, "forward", "ours: _flash_triton.forward"),
+        (_flash_triton, "launch", "ours: launch"),
+    ]
+    with contextlib.ExitStack() as stack:
+        for owner, name, label in parts:
+            stack.enter_context(mock.patch.object(owner, name, timing(label, getattr(owner, name))))
+        mapping = AttentionInterface._global_mapping
+        for name in ("hf_attn_patch", "sdpa"):
+            if name in mapping:
+                stack.enter_context(mock.patch.dict(mapping, {name: timing("attention function", mapping[name])}))
+        yield spent
 
 
 @contextlib.contextmanager

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.kernels
 
 
 def test_specialisation_follows_tritons_rules():
-    spec = _launch._specialisation
+    def spec(arg):
+        return _launch._specialisations((arg,))
+
     # Integers: Triton compiles apart a 1, multiples of 16, and 64-bit values.
     assert spec(1) != spec(3)
     assert spec(16) != spec(24)
@@ -27,6 +29,16 @@ def test_specialisation_follows_tritons_rules():
     assert spec(base) != spec(base[1:])
     assert spec(base) != spec(base.float())
     assert spec(None) == spec(None) != spec(0)
+    assert spec(True) != spec(1) and spec(2.0) == spec(3.0)
+
+
+def test_host_side_integer_helpers_match_tritons():
+    import triton
+
+    for n in range(1, 300):
+        assert _launch.next_power_of_2(n) == triton.next_power_of_2(n)
+        for block in (16, 64, 128):
+            assert _launch.cdiv(n, block) == triton.cdiv(n, block)
 
 
 def test_ordered_params_put_constexprs_in_signature_order():
@@ -59,7 +71,7 @@ def test_direct_launches_match_the_reference_as_a_cache_grows():
 def test_repeat_launches_skip_tritons_run(monkeypatch):
     """The cause found in issue 12: Triton's per-call bookkeeping. After the first launch of a
     specialisation, launches go to the compiled kernel; a new specialisation goes back to Triton."""
-    monkeypatch.setattr(_launch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(_launch, "_COMPILED", {})
     monkeypatch.setattr(_launch, "_disabled_reason", None)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._checks import interpreter_enabled
-from ._launch import launch
+from ._launch import cdiv, launch, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -59,7 +59,7 @@ def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
 
     def grid(meta):
-        return (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
+        return (cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
 
     with _on_device(q):
         _launch_tuned(
@@ -91,7 +91,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
 
     with _on_device(q):
         _launch_tuned(
-            _bwd_dkdv_kernel, lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads),
+            _bwd_dkdv_kernel, lambda meta: (cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads),
             (q, k, v, grad_out, dk, dv, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
              *mask_strides,
@@ -100,7 +100,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
             static, dtypes,
         )
         _launch_tuned(
-            _bwd_dq_kernel, lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * q_heads),
+            _bwd_dq_kernel, lambda meta: (cdiv(q_len, meta["BLOCK_M"]), batch * q_heads),
             (q, k, v, grad_out, dq, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
              *mask_strides,
@@ -117,14 +117,15 @@ def row_delta(out, grad_out):
     batch, heads, length, head_dim = out.shape
     delta = torch.empty((batch, heads, length), device=out.device, dtype=torch.float32)
     with _on_device(out):
-        _bwd_delta_kernel[(triton.cdiv(length, 64), batch * heads)](
+        _bwd_delta_kernel[(cdiv(length, 64), batch * heads)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), length, heads,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=64,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=64,
         )
     return delta
 
 
-# Each autotuned kernel's chosen launch config per tuning key (see `_launch_tuned`).
+# Each autotuned kernel's compile-time arguments (switches + chosen config) per tuning key
+# (see `_launch_tuned`).
 _CHOSEN_CONFIGS: dict[tuple, dict] = {}
 
 
@@ -140,12 +141,12 @@ def _launch_tuned(kernel, grid, args: tuple, static: dict, dtypes: tuple) -> Non
     # The autotuner's own key: Q_BUCKET and K_BUCKET (the last two arguments), the static
     # switches, and the tensors' dtypes.
     key = (kernel, args[-2], args[-1], *static.values(), *dtypes)
-    chosen = _CHOSEN_CONFIGS.get(key)
-    if chosen is None:
+    constexprs = _CHOSEN_CONFIGS.get(key)
+    if constexprs is None:
         kernel[grid](*args, **static)
-        _CHOSEN_CONFIGS[key] = kernel.best_config.all_kwargs()
+        _CHOSEN_CONFIGS[key] = {**static, **kernel.best_config.all_kwargs()}
     else:
-        launch(kernel.fn, grid, args, {**static, **chosen})
+        launch(kernel.fn, grid, args, constexprs)
 
 
 def _tuning_dtypes(q, key_padding_mask, alibi_slopes) -> tuple:
@@ -161,7 +162,7 @@ def _static_args(q, key_padding_mask, alibi_slopes, left, right, docs=None, sink
     """Compile-time switches: each combination is its own specialised kernel."""
     return dict(
         HEAD_DIM=q.shape[-1],
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
+        BLOCK_D=max(16, next_power_of_2(q.shape[-1])),
         HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0,
         HAS_PADDING=key_padding_mask is not None,
@@ -206,11 +207,14 @@ def document_bounds(doc_ids):
 
 def _bucket(n: int) -> int:
     """Autotuning key for a length: one tuning per power of two, not per length."""
-    return triton.next_power_of_2(n)
+    return next_power_of_2(n)
 
 
 def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NoDevice()
+    """Launch on t's GPU. Switching costs host time on every call: only when it is not current."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_DEVICE
 
 
 class _NoDevice:
@@ -219,6 +223,9 @@ class _NoDevice:
 
     def __exit__(self, *exc):
         return False
+
+
+_NO_DEVICE = _NoDevice()
 
 
 # --- tuning -------------------------------------------------------------------------------------

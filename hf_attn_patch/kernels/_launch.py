@@ -23,11 +23,13 @@ import triton
 
 from ._checks import interpreter_enabled
 
-__all__ = ["launch", "fast_launch_stats", "tritons_own_launch"]
+__all__ = ["launch", "fast_launch_stats", "tritons_own_launch", "cdiv", "next_power_of_2"]
 
 _COMPILED: dict[tuple, object] = {}
 _STATS = {"fast": 0, "slow": 0}
 _disabled_reason: str | None = None
+# Triton chose interpreted or compiled kernels when they were decorated, at import: so do we.
+_INTERPRETED = interpreter_enabled()
 
 
 def launch(fn, grid, args: tuple, constexprs: dict) -> None:
@@ -37,23 +39,24 @@ def launch(fn, grid, args: tuple, constexprs: dict) -> None:
     compile-time arguments as `fn[grid]` takes it. constexprs: every keyword argument, the
     launch options (num_warps, num_stages, ...) included.
     """
-    if _disabled_reason is not None or interpreter_enabled() or _hooks_set():
+    if _disabled_reason is not None or _INTERPRETED or _hooks_set():
         _STATS["slow"] += 1
         fn[grid](*args, **constexprs)
         return
     # A compiled kernel is loaded on one device: the device is part of the key.
-    key = (fn, torch.cuda.current_device(), _frozen(constexprs), *map(_specialisation, args))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
+    key = (fn, torch.cuda.current_device(), tuple(constexprs.items()), _specialisations(args))
+    known = _COMPILED.get(key)
+    if known is None:
         _STATS["slow"] += 1
-        _COMPILED[key] = fn[grid](*args, **constexprs)
+        # The compile-time values in signature order follow from the key: kept with the binary.
+        _COMPILED[key] = (fn[grid](*args, **constexprs), _constexpr_params(fn, len(args), constexprs))
         return
+    compiled, constexpr_params = known
     if callable(grid):
         grid = grid(constexprs)
     grid = tuple(grid) + (1,) * (3 - len(grid))
-    params = _ordered_params(fn, args, constexprs)
     try:
-        compiled[grid](*params)
+        compiled[grid](*args, *constexpr_params)
     except TypeError as error:  # a Triton whose CompiledKernel is called differently
         _disable(f"{type(error).__name__}: {error}")
         fn[grid](*args, **constexprs)
@@ -91,19 +94,35 @@ def _hooks_set() -> bool:
                for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
 
 
-def _frozen(constexprs: dict) -> tuple:
-    return tuple(constexprs.items())
+def _specialisations(args: tuple) -> tuple:
+    """What Triton compiles a separate binary for, per runtime argument: an int's being 1, its
+    divisibility by 16, width and sign; a tensor's dtype and 16-byte alignment; a bool's or
+    None's value; a float's type; anything else, its value. One loop with no calls in it: this
+    runs for ~40 arguments on every launch of a host-bound decode step."""
+    key = []
+    for arg in args:
+        kind = type(arg)
+        if kind is int:
+            key.append((arg == 1, arg % 16 == 0, -2147483648 <= arg < 2147483648, arg >= 0))
+        elif kind is torch.Tensor or isinstance(arg, torch.Tensor):
+            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif kind is bool or arg is None:
+            key.append((kind, arg))
+        elif kind is float:
+            key.append((kind, None))
+        else:
+            key.append((kind, arg))
+    return tuple(key)
 
 
-def _specialisation(arg):
-    """What Triton compiles a separate binary for, for one runtime argument."""
-    if isinstance(arg, torch.Tensor):
-        return (arg.dtype, arg.data_ptr() % 16 == 0)
-    if isinstance(arg, bool) or arg is None or isinstance(arg, float):
-        return (type(arg), arg if arg is None or isinstance(arg, bool) else None)
-    if isinstance(arg, int):
-        return (arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg >= 0)
-    return (type(arg), arg)  # anything else: its value decides
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host side: triton.cdiv is a constexpr function, slower to call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as plain Python on the host side."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 _PARAM_NAMES: dict = {}
@@ -111,7 +130,12 @@ _PARAM_NAMES: dict = {}
 
 def _ordered_params(fn, args: tuple, constexprs: dict) -> list:
     """Every parameter of the kernel in signature order, as `CompiledKernel` takes them."""
+    return [*args, *_constexpr_params(fn, len(args), constexprs)]
+
+
+def _constexpr_params(fn, runtime_count: int, constexprs: dict) -> tuple:
+    """The parameters after the first `runtime_count`, from `constexprs`, in signature order."""
     names = _PARAM_NAMES.get(fn)
     if names is None:
         names = _PARAM_NAMES[fn] = tuple(fn.arg_names)
-    return [*args, *(constexprs[name] for name in names[len(args):])]
+    return tuple(constexprs[name] for name in names[runtime_count:])

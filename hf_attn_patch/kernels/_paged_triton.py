@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._checks import interpreter_enabled
+from ._launch import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -84,14 +85,14 @@ def decode(
     context_bound = block_table.shape[1] * block_size  # static: never read seq_lens on the host
     if partition_size is None:
         partition_size = _choose_partition_size(batch * kv_heads, context_bound, block_n, q.device)
-    num_partitions = max(1, triton.cdiv(context_bound, partition_size))
+    num_partitions = max(1, cdiv(context_bound, partition_size))
     single = num_partitions == 1
 
     meta = dict(
         GROUP=group,
-        GROUP_ROWS=max(_MIN_GROUP_ROWS, triton.next_power_of_2(group)),
+        GROUP_ROWS=max(_MIN_GROUP_ROWS, next_power_of_2(group)),
         HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         HAS_ALIBI=alibi_slopes is not None,
@@ -128,7 +129,7 @@ def decode(
             q_heads, num_partitions, partition_size, window_left, sinks, context_bound,
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=meta["HEAD_DIM_PAD"],
-            BLOCK_P=min(32, triton.next_power_of_2(num_partitions)),
+            BLOCK_P=min(32, next_power_of_2(num_partitions)),
             HAS_SINKS=meta["HAS_SINKS"],
             HAS_SINK_LOGITS=meta["HAS_SINK_LOGITS"],
             num_warps=4,
@@ -167,9 +168,9 @@ def write(
     batch, kv_heads, tokens, head_dim = key.shape
     if batch * tokens == 0:
         return
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    heads_per_program = min(triton.next_power_of_2(kv_heads), max(1, 4096 // head_dim_pad))
-    grid = (batch * tokens, triton.cdiv(kv_heads, heads_per_program))
+    head_dim_pad = next_power_of_2(head_dim)
+    heads_per_program = min(next_power_of_2(kv_heads), max(1, 4096 // head_dim_pad))
+    grid = (batch * tokens, cdiv(kv_heads, heads_per_program))
     _write_slots_kernel[grid](
         key, value, k_pages, v_pages, slot_mapping,
         *key.stride(), *value.stride(), *k_pages.stride(), *v_pages.stride(),
@@ -192,7 +193,7 @@ def _choose_partition_size(rows: int, context_bound: int, block_n: int, device: 
     # Two programs per SM: on an H100 (2026-11-23) batch 1 at 32k reads 2.43 TB/s with 512-token
     # partitions against 2.12 with 256 (four per SM); larger batches are the same either way.
     wanted_programs = 2 * _multiprocessor_count(device)
-    size = max(block_n, triton.next_power_of_2(max(context_bound, 1)))
+    size = max(block_n, next_power_of_2(max(context_bound, 1)))
     while size > _MIN_PARTITION and rows * math.ceil(context_bound / size) < wanted_programs:
         size //= 2
     return max(size, block_n)

@@ -79,10 +79,11 @@ def _needs_custom_op(*tensors: torch.Tensor | None) -> bool:
     costs ~45 us of host time a call on the H100 machine, in a decode step bound by the host."""
     if torch.compiler.is_compiling():
         return True
-    tensors = [t for t in tensors if t is not None]
-    if any(type(t) is not torch.Tensor for t in tensors):
-        return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    grad_enabled = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad_enabled and t.requires_grad)):
+            return True
+    return False
 
 
 # --- torch custom ops ---------------------------------------------------------------------------

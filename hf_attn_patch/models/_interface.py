@@ -98,8 +98,8 @@ def attention_forward(
     window = kwargs.get("sliding_window")
 
     alibi_slopes = None
-    fold = _fold_for(module.config) if _MASK_FOLDS else None
-    if fold is not None and isinstance(attention_mask, torch.Tensor):
+    fold = _fold_for(module.config) if _MASK_FOLDS and isinstance(attention_mask, torch.Tensor) else None
+    if fold is not None:
         unfolded = fold.unfold(module, attention_mask)
         if unfolded is not None:
             attention_mask, alibi_slopes = unfolded
