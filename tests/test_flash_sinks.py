@@ -228,10 +228,11 @@ PROBES = {
 
 
 @pytest.mark.parametrize("name", list(PROBES))
-def test_kernels_visit_exactly_the_blocks_with_visible_keys(name):
+def test_kernels_visit_exactly_the_blocks_with_visible_keys(name, device):
     """Per query block, the key blocks visited (sinks' and window's) are exactly those holding
     a key some row of the block sees; per key block, the same for query blocks (dK/dV). Blocks
-    run without masking are seen whole. Lengths are not multiples of the tiles (16 x 32)."""
+    run without masking are seen whole. Lengths are not multiples of the tiles (16 x 32).
+    The probe's tensors live on the test device: on a GPU machine it is compiled like the kernels."""
     q_len, k_len, options = PROBES[name]
     options = dict(options)
     padding = options.pop("padding", 0)
@@ -245,6 +246,7 @@ def test_kernels_visit_exactly_the_blocks_with_visible_keys(name):
     q_blocks, k_blocks = triton.cdiv(q_len, block_m), triton.cdiv(k_len, block_n)
     key_ranges = torch.full((q_blocks, 6), -1, dtype=torch.int32)
     query_ranges = torch.full((k_blocks, 4), -1, dtype=torch.int32)
+    key_ranges, query_ranges, bounds = key_ranges.to(device), query_ranges.to(device), bounds.to(device)
     _ranges_probe[(max(q_blocks, k_blocks),)](
         key_ranges, query_ranges, bounds, q_len, k_len, left, right, options["sinks"],
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_PADDING=padding > 0, HAS_SINKS=True,
