@@ -104,10 +104,10 @@ def _specialisations(args: tuple) -> tuple:
         kind = type(arg)
         if kind is int:
             key.append((arg == 1, arg % 16 == 0, -2147483648 <= arg < 2147483648, arg >= 0))
+        elif arg is None or kind is bool:
+            key.append((kind, arg))
         elif kind is torch.Tensor or isinstance(arg, torch.Tensor):
             key.append((arg.dtype, arg.data_ptr() % 16 == 0))
-        elif kind is bool or arg is None:
-            key.append((kind, arg))
         elif kind is float:
             key.append((kind, None))
         else:
