@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import environment  # noqa: E402
-from generate import FULL, build, provider_context, random_prompts  # noqa: E402
+from generate import FULL, build, gpu_kernels_per_step, provider_context, random_prompts  # noqa: E402
 from host_overhead import per_call_us  # noqa: E402
 
 
@@ -118,7 +118,7 @@ def interleaved(model, inputs, rounds: int, steps: int) -> dict:
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     for _ in range(1 if synced else steps):
-                        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                        mask = one_more_key(mask)
                         ids = step(model, cache, ids, mask)
                     seconds = (time.perf_counter() - start) / (1 if synced else steps)
                     torch.cuda.synchronize()
@@ -132,6 +132,11 @@ def interleaved(model, inputs, rounds: int, steps: int) -> dict:
         for p, s in samples.items()
     }
     return {"summary": summary, "rounds": samples}
+
+
+def one_more_key(mask):
+    """The 2-D attention mask after a decode step: one more real key per row."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
 
 
 def prefill(model, inputs):
@@ -150,11 +155,11 @@ def profile_provider(model, inputs, steps, provider) -> dict:
         cache, ids = prefill(model, inputs)
         mask = inputs["attention_mask"]
         for _ in range(3):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1) if with_mask else None
+            mask = one_more_key(mask) if with_mask else None
             ids = step(model, cache, ids, mask)
         times = []
         for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1) if with_mask else None
+            mask = one_more_key(mask) if with_mask else None
             torch.cuda.synchronize()
             start = time.perf_counter()
             ids = step(model, cache, ids, mask)
@@ -171,7 +176,7 @@ def profile_provider(model, inputs, steps, provider) -> dict:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(5):
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                mask = one_more_key(mask)
                 ids = step(model, cache, ids, mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -186,19 +191,12 @@ def profile_provider(model, inputs, steps, provider) -> dict:
     mask = inputs["attention_mask"]
     with labelled(record_function), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            mask = one_more_key(mask)
             ids = step(model, cache, ids, mask)
         torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
     result["host_self_ms_per_step"] = {e.key[:90]: round(e.self_cpu_time_total / 1e3 / steps, 4) for e in rows}
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernel_us: dict[str, float] = {}
-    for e in kernels:
-        kernel_us[e.name[:80]] = kernel_us.get(e.name[:80], 0.0) + (getattr(e, "device_time", None) or e.cuda_time)
-    result["gpu_busy_ms_per_step"] = round(sum(kernel_us.values()) / 1e3 / steps, 4)
-    result["kernels_per_step"] = len(kernels) / steps
-    result["top_kernels_ms_per_step"] = {
-        name: round(us / 1e3 / steps, 4) for name, us in sorted(kernel_us.items(), key=lambda kv: -kv[1])[:12]}
+    result.update(gpu_kernels_per_step(prof, steps, top=12))
     labels = [e for e in prof.key_averages() if e.key.startswith("hf_attn_patch.")]
     result["labelled_total_ms_per_step"] = {e.key: round(e.cpu_time_total / 1e3 / steps, 4) for e in labels}
     result["labelled_calls_per_step"] = {e.key: e.count / steps for e in labels}
@@ -211,7 +209,7 @@ def profile_provider(model, inputs, steps, provider) -> dict:
     start = time.perf_counter()
     profiler.enable()
     for _ in range(steps):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        mask = one_more_key(mask)
         ids = step(model, cache, ids, mask)
     torch.cuda.synchronize()
     profiler.disable()
@@ -228,13 +226,13 @@ def in_situ(model, inputs, steps: int) -> dict:
     """Host time inside each part of real decode steps (a synchronised step each, no profiler:
     two perf_counter calls per wrapped call). The steps run twice over the same KV lengths and
     the second pass is reported, so stock sdpa has its cuDNN plans for every length by then."""
-    for measured in (False, True):
+    for _ in range(2):  # the first pass meets each KV length, the second is the one kept
         cache, ids = prefill(model, inputs)
         mask = inputs["attention_mask"]
         with timed_parts() as spent:
             totals = []
             for _ in range(steps):
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                mask = one_more_key(mask)
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 ids = step(model, cache, ids, mask)

@@ -328,19 +328,26 @@ def profile_decode(model, inputs, steps: int, device) -> dict:
             out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
             next_ids = out.logits[:, -1:].argmax(-1)
         synchronize(device)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels)
-    by_name: dict[str, float] = {}
-    for e in kernels:
-        by_name[e.name] = by_name.get(e.name, 0.0) + (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0))
-    top = sorted(by_name.items(), key=lambda item: -item[1])[:5]
     # Where the host's time goes: the step is launch-bound, so the CPU ops say more than the kernels.
     host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
     return {
-        "gpu_busy_ms_per_step": busy_us / 1e3 / steps,
-        "kernels_per_step": len(kernels) / steps,
-        "top_kernels_ms_per_step": {name[:80]: us / 1e3 / steps for name, us in top},
+        **gpu_kernels_per_step(prof, steps, top=5),
         "top_host_ops_self_ms_per_step": {e.key[:80]: e.self_cpu_time_total / 1e3 / steps for e in host},
+    }
+
+
+def gpu_kernels_per_step(prof, steps: int, top: int) -> dict:
+    """From a torch.profiler run of `steps` steps: GPU busy time, kernel count and the `top`
+    kernels by time, per step."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + (getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0))
+    ranked = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    return {
+        "gpu_busy_ms_per_step": sum(by_name.values()) / 1e3 / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "top_kernels_ms_per_step": {name[:80]: us / 1e3 / steps for name, us in ranked},
     }
 
 

@@ -45,7 +45,7 @@ def test_ordered_params_put_constexprs_in_signature_order():
     class FakeKernel:
         arg_names = ["X", "n", "BLOCK", "FLAG"]
 
-    params = _launch._ordered_params(FakeKernel, ("x", 7), {"FLAG": True, "num_warps": 4, "BLOCK": 64})
+    params = ["x", 7, *_launch._constexpr_params(FakeKernel, 2, {"FLAG": True, "num_warps": 4, "BLOCK": 64})]
     assert params == ["x", 7, 64, True]
 
 

@@ -128,13 +128,9 @@ def next_power_of_2(n: int) -> int:
 _PARAM_NAMES: dict = {}
 
 
-def _ordered_params(fn, args: tuple, constexprs: dict) -> list:
-    """Every parameter of the kernel in signature order, as `CompiledKernel` takes them."""
-    return [*args, *_constexpr_params(fn, len(args), constexprs)]
-
-
 def _constexpr_params(fn, runtime_count: int, constexprs: dict) -> tuple:
-    """The parameters after the first `runtime_count`, from `constexprs`, in signature order."""
+    """The parameters after the first `runtime_count`, from `constexprs`, in signature order:
+    what `CompiledKernel` takes after the runtime arguments."""
     names = _PARAM_NAMES.get(fn)
     if names is None:
         names = _PARAM_NAMES[fn] = tuple(fn.arg_names)
