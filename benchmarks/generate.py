@@ -4,12 +4,14 @@ stock attention implementations against the patched model, in one run.
 * generate, Llama-1B-shaped model (hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate
   5632, vocab 32000, random bf16 weights): batch 1 with a 2048-token prompt and batch 16 with
   512-token prompts, 128 new tokens each (min_new_tokens = max_new_tokens, so every provider
-  decodes the same count); one warm-up run, then the median of --repeats runs. Providers: stock
+  decodes the same count); one warm-up run each, then --repeats rounds that time every provider
+  once, each on its own copy of the model (interleaved: a drifting host moves all alike), and
+  the median per provider; compiled providers run after, alone. Providers: stock
   `sdpa`, `flex_attention`, `eager`, and `patched` (patch_model on the sdpa model); optionally
   `patched-compiled` / `sdpa-compiled` (static cache, torch.compile fullgraph, reduce-overhead,
   i.e. CUDA graphs). For the patched rows: how many Triton kernel variants the warm-up compiled
   and how many more the timed runs compiled (0 means no per-length recompilation).
-* decode step, same model, batch 1 after a 2048-token prefill: wall time of one bare forward
+* decode step, same model, batch 1 after a 2048-token prefill, in 3 interleaved rounds: wall time of one bare forward
   (q_len 1, dynamic cache), and from torch.profiler the GPU busy time and kernel launches per step.
 * prefill, Mistral-shaped model cut to 4 layers (hidden 4096, 32 heads / 8 KV heads,
   intermediate 14336, sliding_window 4096): one 16384-token forward, `sdpa` vs `patched`
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -183,55 +186,97 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench_generate(sizes: Sizes, providers, device, dtype, repeats: int) -> Iterator[dict]:
+    """Providers without torch.compile run in rounds, each on its own copy of the model: every
+    round times each of them once, so a host whose speed drifts over minutes (by up to 70% on
+    one lease, 2026-12-04) moves them all alike. The compiled ones run after, one at a time
+    (torch.compile's state is reset between them)."""
     model = build("llama", sizes.llama, device, dtype)
+    in_rounds = [p for p in providers if p not in COMPILED]
+    alone = [p for p in providers if p in COMPILED]
     for workload in sizes.workloads:
         inputs = random_prompts(workload.batch, workload.prompt, model.config.vocab_size, device)
-        stock_tokens = None
+        rows = _generate_in_rounds(model, in_rounds, workload, inputs, device, repeats, sizes.llama_label)
+        for provider in alone:
+            rows.update(_generate_in_rounds(model, [provider], workload, inputs, device, repeats,
+                                            sizes.llama_label))
+        stock = rows.get("sdpa", {}).get("_new_tokens")
         for provider in providers:
-            row = {"benchmark": "generate", "model": sizes.llama_label, "provider": provider,
-                   "batch": workload.batch, "prompt_len": workload.prompt, "new_tokens": workload.new_tokens}
-            console.print(f"generate {workload.label} {provider} ...")
-            try:
-                with provider_context(model, provider):
-                    settings = generate_settings(provider, workload, device)
-                    cache = paged_cache(model, workload) if provider in PAGED else None
-
-                    def run(**overrides):
-                        if cache is not None:
-                            cache.reset()  # one cache for every call: its captured graphs are reused
-                            overrides["past_key_values"] = cache
-                        return model.generate(**inputs, **{**settings, **overrides})
-
-                    if cache is not None:  # before any graph exists: prefill + first token
-                        _, row["ttft_s"] = timed(lambda: run(max_new_tokens=1, min_new_tokens=1), device)
-                    variants = compiled_kernel_variants()
-                    tokens, row["warmup_s"] = timed(run, device)  # for patched-graphs: captures
-                    after_warmup = compiled_kernel_variants()
-                    seconds = []
-                    for _ in range(repeats):
-                        tokens, elapsed = timed(run, device)
-                        seconds.append(elapsed)
-                    if variants is not None and provider.startswith("patched"):
-                        row["kernel_variants_compiled_in_warmup"] = after_warmup - variants
-                        row["kernel_variants_compiled_in_timed_runs"] = compiled_kernel_variants() - after_warmup
-                row["seconds"] = statistics.median(seconds)
-                row["seconds_all"] = seconds
-                row["tokens_per_s"] = workload.batch * workload.new_tokens / row["seconds"]
-                new = tokens[:, workload.prompt:]
-                if new.shape[1] != workload.new_tokens:
-                    raise RuntimeError(f"decoded {new.shape[1]} tokens, not {workload.new_tokens}")
-                if provider == "sdpa":
-                    stock_tokens = new
-                elif stock_tokens is not None:
-                    # bf16 on random weights: near-ties may flip; a sanity figure, not a test.
-                    row["new_tokens_same_as_sdpa"] = (new == stock_tokens).float().mean().item()
-            except Exception as exc:
-                row["error"] = error_string(exc)
-            finally:
-                free_memory()
+            row = rows[provider]
+            new = row.pop("_new_tokens", None)
+            if provider != "sdpa" and stock is not None and new is not None:
+                # bf16 on random weights: near-ties may flip; a sanity figure, not a test.
+                row["new_tokens_same_as_sdpa"] = (new == stock).float().mean().item()
             yield row
+        free_memory()
     del model
     free_memory()
+
+
+def _generate_in_rounds(model, providers, workload: Workload, inputs, device, repeats: int,
+                        label: str) -> dict[str, dict]:
+    """Rows of `providers` (each on a copy of `model` when there are several): set-up and
+    warm-up of each, then `repeats` rounds timing each once; the median per provider."""
+    rows = {p: {"benchmark": "generate", "model": label, "provider": p, "batch": workload.batch, "prompt_len": workload.prompt,
+                "new_tokens": workload.new_tokens, "rounds": repeats, "interleaved_with": len(providers)}
+            for p in providers}
+    runs, seconds, tokens = {}, {p: [] for p in providers}, {}
+    with contextlib.ExitStack() as stack:
+        for provider in providers:
+            row = rows[provider]
+            console.print(f"generate {workload.label} {provider}: warm-up ...")
+            try:
+                own = model if len(providers) == 1 else copy.deepcopy(model)
+                stack.enter_context(provider_context(own, provider))
+                run = _generate_call(own, provider, workload, inputs, device)
+                if provider in PAGED:  # before any graph exists: prefill + first token
+                    _, row["ttft_s"] = timed(lambda: run(max_new_tokens=1, min_new_tokens=1), device)
+                variants = compiled_kernel_variants()
+                _, row["warmup_s"] = timed(run, device)  # for patched-graphs: captures
+                if variants is not None and provider.startswith("patched"):
+                    row["kernel_variants_compiled_in_warmup"] = compiled_kernel_variants() - variants
+                runs[provider] = run
+            except Exception as exc:
+                row["error"] = error_string(exc)
+        before_rounds = compiled_kernel_variants()
+        for round_index in range(repeats):
+            console.print(f"generate {workload.label}: round {round_index + 1} of {repeats} ({', '.join(runs)})")
+            for provider, run in list(runs.items()):
+                try:
+                    tokens[provider], elapsed = timed(run, device)
+                    seconds[provider].append(elapsed)
+                except Exception as exc:
+                    rows[provider]["error"] = error_string(exc)
+                    del runs[provider]
+        for provider in runs:
+            row = rows[provider]
+            if before_rounds is not None and provider.startswith("patched"):
+                # Counted over every provider's timed runs: 0 means no per-length recompilation.
+                row["kernel_variants_compiled_in_timed_runs"] = compiled_kernel_variants() - before_rounds
+            row["seconds"] = statistics.median(seconds[provider])
+            row["seconds_all"] = seconds[provider]
+            row["tokens_per_s"] = workload.batch * workload.new_tokens / row["seconds"]
+            new = tokens[provider][:, workload.prompt:]
+            if new.shape[1] != workload.new_tokens:
+                row["error"] = f"decoded {new.shape[1]} tokens, not {workload.new_tokens}"
+            row["_new_tokens"] = new
+    for row in rows.values():
+        if "error" in row:
+            row.pop("_new_tokens", None)
+    return rows
+
+
+def _generate_call(model, provider: str, workload: Workload, inputs, device):
+    """`generate` as `provider` runs it; a paged provider reuses one cache (and its graphs)."""
+    settings = generate_settings(provider, workload, device)
+    cache = paged_cache(model, workload) if provider in PAGED else None
+
+    def run(**overrides):
+        if cache is not None:
+            cache.reset()
+            overrides["past_key_values"] = cache
+        return model.generate(**inputs, **{**settings, **overrides})
+
+    return run
 
 
 def paged_cache(model, workload: Workload):
@@ -261,36 +306,50 @@ def generate_settings(provider: str, workload: Workload, device) -> dict:
 # --- decode step ---------------------------------------------------------------------------------
 
 
-def bench_decode_step(sizes: Sizes, providers, device, dtype) -> Iterator[dict]:
-    """Batch 1 after the longest prompt: one bare forward per step, timed and then profiled."""
+def bench_decode_step(sizes: Sizes, providers, device, dtype, rounds: int = 3) -> Iterator[dict]:
+    """Batch 1 after the longest prompt: one bare forward per step, timed over `rounds` rounds
+    that each run every provider (on its own copy of the model) once, then profiled."""
     model = build("llama", sizes.llama, device, dtype)
     prompt = max(w.prompt for w in sizes.workloads)
     inputs = random_prompts(1, prompt, model.config.vocab_size, device)
-    for provider in providers:
-        row = {"benchmark": "decode-step", "model": sizes.llama_label, "provider": provider, "batch": 1,
-               "prompt_len": prompt, "steps": sizes.decode_steps}
-        console.print(f"decode step after {prompt} tokens {provider} ...")
-        try:
-            with provider_context(model, provider):
+    rows, steps, models, caches = {}, {}, {}, {}
+    with contextlib.ExitStack() as stack:
+        for provider in providers:
+            rows[provider] = row = {"benchmark": "decode-step", "model": sizes.llama_label, "provider": provider,
+                                    "batch": 1, "prompt_len": prompt, "steps": sizes.decode_steps,
+                                    "rounds": rounds}
+            console.print(f"decode step after {prompt} tokens {provider}: warm-up ...")
+            try:
+                own = model if len(providers) == 1 else copy.deepcopy(model)
+                stack.enter_context(provider_context(own, provider))
+                cache = None
                 if provider in PAGED:
-                    cache = paged_cache(model, Workload(1, prompt, 2 * sizes.decode_steps + 8))
-                    decode_steps(model, inputs, 2, device, cache)  # warm-up (and capture)
-                    step_s = decode_steps(model, inputs, sizes.decode_steps, device, cache)
-                else:
-                    decode_steps(model, inputs, 1, device)  # warm-up
-                    step_s = decode_steps(model, inputs, sizes.decode_steps, device)
-                row["ms_per_step"] = 1e3 * statistics.median(step_s)
-                row["ms_per_step_min"] = 1e3 * min(step_s)
+                    cache = paged_cache(own, Workload(1, prompt, 2 * sizes.decode_steps + 8))
+                decode_steps(own, inputs, 2, device, cache)  # warm-up (and capture)
+                models[provider], caches[provider], steps[provider] = own, cache, []
+            except Exception as exc:
+                row["error"] = error_string(exc)
+        for _ in range(rounds):
+            for provider in list(models):
+                try:
+                    steps[provider] += decode_steps(models[provider], inputs, sizes.decode_steps, device,
+                                                    caches[provider])
+                except Exception as exc:
+                    rows[provider]["error"] = error_string(exc)
+                    del models[provider]
+        for provider, own in models.items():
+            row = rows[provider]
+            try:
+                row["ms_per_step"] = 1e3 * statistics.median(steps[provider])
+                row["ms_per_step_min"] = 1e3 * min(steps[provider])
                 if device.type == "cuda":
-                    row["weight_read_ms"] = weight_read_ms(model, torch.cuda.get_device_name(device))
+                    row["weight_read_ms"] = weight_read_ms(own, torch.cuda.get_device_name(device))
                 if provider not in PAGED:
-                    row.update(profile_decode(model, inputs, sizes.decode_steps, device))
-        except Exception as exc:
-            row["error"] = error_string(exc)
-        finally:
-            free_memory()
-        yield row
-    del model
+                    row.update(profile_decode(own, inputs, sizes.decode_steps, device))
+            except Exception as exc:
+                row["error"] = error_string(exc)
+    yield from rows.values()
+    del model, models
     free_memory()
 
 

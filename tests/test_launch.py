@@ -101,6 +101,38 @@ def test_repeat_launches_skip_tritons_run(monkeypatch):
     assert Kernel.runs == 2
 
 
+def test_repeat_launches_call_the_c_launcher_without_hooks(monkeypatch):
+    """Triton 3.x's runner looks the device and stream up through its driver, builds launch
+    metadata and calls two empty hook chains on every launch: a repeat launch skips it and calls
+    the launcher with the current stream and no hooks."""
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(_launch, "_COMPILED", {})
+    monkeypatch.setattr(_launch, "_disabled_reason", None)
+    monkeypatch.setattr(_launch, "_STREAM_OF_DEVICE", lambda device: 1000 + device)
+    launched = []
+
+    class Compiled:
+        function, packed_metadata = 77, (4, 1, 0)
+
+        def run(self, *launch_args):
+            launched.append(launch_args)
+
+        def __getitem__(self, grid):
+            raise AssertionError("the runner is not used once the launcher is known")
+
+    class Kernel:
+        arg_names = ["X", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: Compiled()
+
+    kernel, x = Kernel(), torch.zeros(64)
+    for _ in range(2):
+        _launch.launch(kernel, (5, 2), (x, 32), {"BLOCK": 2, "num_warps": 4})
+    assert launched == [(5, 2, 1, 1003, 77, (4, 1, 0), None, None, None, x, 32, 2)]
+
+
 @pytest.mark.skipif(not _launch._INTERPRETED, reason="seeds the first launch in Triton's interpreter (CPU)")
 def test_a_repeat_launch_stays_lean_in_python(monkeypatch):
     """Issue 12's finding: inside a real decode step every Python call on the launch path costs
@@ -121,7 +153,7 @@ def test_a_repeat_launch_stays_lean_in_python(monkeypatch):
 
     class EveryKeyCompiled(dict):
         def get(self, key, default=None):
-            return Compiled(), ()
+            return Compiled(), (), None
 
     monkeypatch.setattr(_launch, "_COMPILED", EveryKeyCompiled())
     monkeypatch.setattr(_launch, "_INTERPRETED", False)

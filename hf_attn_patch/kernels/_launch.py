@@ -7,7 +7,9 @@ step of a 1B model makes one attention launch per layer and is bound by the host
 bookkeeping alone made a patched step slower than stock.
 
 `launch` keeps the compiled kernel of each (kernel, compile-time arguments, specialisation) and
-calls it directly. The specialisation is recomputed here by Triton's own rules for what it
+calls its C launcher directly, with no launch hooks: the `CompiledKernel[grid]` runner would
+also look the device and stream up through Triton's driver, build launch metadata and call two
+(empty) hook chains from C on every launch. The specialisation is recomputed here by Triton's own rules for what it
 specialises on (an integer equal to 1, divisible by 16, its width; a tensor's dtype and 16-byte
 alignment), so a call that Triton would compile differently never reuses the wrong binary: it
 misses the cache and goes through `JITFunction.run`, which compiles it. Launch hooks (profilers)
@@ -48,20 +50,51 @@ def launch(fn, grid, args: tuple, constexprs: dict) -> None:
     known = _COMPILED.get(key)
     if known is None:
         _STATS["slow"] += 1
+        compiled = fn[grid](*args, **constexprs)
         # The compile-time values in signature order follow from the key: kept with the binary.
-        _COMPILED[key] = (fn[grid](*args, **constexprs), _constexpr_params(fn, len(args), constexprs))
+        _COMPILED[key] = (compiled, _constexpr_params(fn, len(args), constexprs), _c_launcher(compiled))
         return
-    compiled, constexpr_params = known
+    compiled, constexpr_params, c_launcher = known
     if callable(grid):
         grid = grid(constexprs)
     grid = tuple(grid) + (1,) * (3 - len(grid))
     try:
-        compiled[grid](*args, *constexpr_params)
-    except TypeError as error:  # a Triton whose CompiledKernel is called differently
+        if c_launcher is None:
+            compiled[grid](*args, *constexpr_params)
+        else:
+            run, function, packed_metadata = c_launcher
+            # After the grid, stream and function: launch metadata and the enter/exit hooks, none.
+            run(grid[0], grid[1], grid[2], _current_stream(key[1]), function, packed_metadata, None, None, None,
+                *args, *constexpr_params)
+    except TypeError as error:  # a Triton whose CompiledKernel or launcher is called differently
         _disable(f"{type(error).__name__}: {error}")
         fn[grid](*args, **constexprs)
         return
     _STATS["fast"] += 1
+
+
+def _c_launcher(compiled) -> tuple | None:
+    """(launcher, function handle, packed metadata) of a compiled kernel, as Triton 3.x's
+    `CompiledKernel[grid]` runner passes them on; None where a Triton lays them out otherwise
+    (its runner is used then)."""
+    try:
+        parts = (compiled.run, compiled.function, compiled.packed_metadata)
+    except AttributeError:
+        return None
+    return parts if callable(parts[0]) and parts[1] is not None else None
+
+
+_STREAM_OF_DEVICE = None
+
+
+def _current_stream(device: int) -> int:
+    """The raw current CUDA stream of `device`, as Triton's driver gives it to its launcher."""
+    global _STREAM_OF_DEVICE
+    if _STREAM_OF_DEVICE is None:
+        from triton.runtime import driver
+
+        _STREAM_OF_DEVICE = driver.active.get_current_stream
+    return _STREAM_OF_DEVICE(device)
 
 
 def fast_launch_stats() -> dict:
