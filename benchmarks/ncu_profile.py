@@ -4,6 +4,7 @@ One forward and one backward per provider and case, each kernel profiled with `n
 after a warm-up (autotuning and compilation happen outside the profiled range), then a table of
 the figures that explain a kernel's speed: duration, tensor-core (GMMA) pipe activity, SM and
 memory throughput, registers, shared memory, occupancy, and the warp stall reasons that dominate.
+`--summarise FILE.csv` redraws the table from a saved raw CSV.
 
     python benchmarks/ncu_profile.py                     # needs a CUDA GPU and `ncu` on PATH
     python benchmarks/ncu_profile.py --cases noncausal packed --out benchmarks/results
@@ -32,7 +33,7 @@ from _common import RESULTS_DIR, environment, results_path
 CASES = ("noncausal", "causal", "packed")
 TOKENS, HEADS, HEAD_DIM = 16 * 1024, 16, 128
 
-# Raw ncu metric names (sm_90) per table column; a column whose metric a GPU lacks stays empty.
+# Raw ncu metric names (ncu 2025.3 on sm_90) per table column; one a GPU lacks stays empty.
 COLUMNS = {
     "us": "gpu__time_duration.sum",
     "grid": "launch__grid_size",
@@ -40,12 +41,17 @@ COLUMNS = {
     "regs": "launch__registers_per_thread",
     "smem KiB": "launch__shared_mem_per_block_dynamic",
     "occupancy %": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "tensor pipe %": "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed",
+    "FMA pipe %": "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
+    "ALU pipe %": "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active",
+    "XU (exp2) %": "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
+    "issue %": "sm__issue_active.avg.pct_of_peak_sustained_elapsed",
     "SM %": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
-    "DRAM %": "dram__throughput.avg.pct_of_peak_sustained_elapsed",
-    "GMMA pipe %": "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
-    "issue active %": "sm__inst_issued.avg.pct_of_peak_sustained_active",
+    "DRAM %": "dram__cycles_active.avg.pct_of_peak_sustained_elapsed",
 }
 MARKER = "ncu_profile call: "
+# Attention kernels by name: ours, cuDNN's, Flex's (Triton templates), FlashAttention's.
+KERNELS_OF_INTEREST = ("_fwd_kernel", "_bwd_", "cudnn", "sdpa", "flex_attention", "flash")
 STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 
 
@@ -53,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return profiled_calls(args.cases, args.providers)
+    if args.summarise:
+        saved = json.loads(args.summarise.with_suffix(".json").read_text())
+        rows = summarise(args.summarise.read_text(), saved["calls"])
+        print_table(rows)
+        args.summarise.with_suffix(".json").write_text(json.dumps({**saved, "metrics": COLUMNS, "rows": rows},
+                                                                  indent=1))
+        return 0
     ncu = shutil.which("ncu")
     if ncu is None:
         print("ncu (Nsight Compute) is not on PATH", file=sys.stderr)
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = [line[len(MARKER):] for line in done.stderr.splitlines() if line.startswith(MARKER)]
     rows = summarise(raw, labels)
     print_table(rows)
-    path.write_text(json.dumps({**env, "metrics": COLUMNS, "rows": rows}, indent=1))
+    path.write_text(json.dumps({**env, "calls": labels, "metrics": COLUMNS, "rows": rows}, indent=1))
     print(f"results: {path} (raw metrics: {path.with_suffix('.csv')})")
     return 0
 
@@ -82,6 +95,7 @@ def parse_args(argv):
     parser.add_argument("--providers", nargs="+", default=["ours", "sdpa-cudnn", "flex"],
                         help="ours, sdpa-cudnn (not for packed), flex (packed only)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--summarise", type=Path, help="redraw the table of a saved raw .csv (its .json beside it)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -177,10 +191,6 @@ def summarise(raw: str, labels: list[str]) -> list[dict]:
     if len(records) < 3:
         return []
     header, calls, out = records[0], iter(labels), []
-    metrics = dict(COLUMNS)
-    if metrics["GMMA pipe %"] not in header:  # named otherwise by this ncu: any tensor-pipe activity
-        metrics["GMMA pipe %"] = next((h for h in header if re.search(r"pipe_tensor.*pct_of_peak_sustained_active", h)),
-                                      metrics["GMMA pipe %"])
     label = "?"
     for record in records[2:]:  # records[1] holds the units
         value = dict(zip(header, record))
@@ -188,8 +198,10 @@ def summarise(raw: str, labels: list[str]) -> list[dict]:
         if "spin_kernel" in name:
             label = next(calls, "?")
             continue
+        if not any(part in name for part in KERNELS_OF_INTEREST):
+            continue  # torch's own small kernels around a call (fills, casts, the packed ids' scans)
         row = {"call": label, "kernel": _short(name)}
-        for column, metric in metrics.items():
+        for column, metric in COLUMNS.items():
             number = _number(value.get(metric))
             if number is not None and column == "us":
                 number /= 1e3  # ns

@@ -33,7 +33,7 @@ KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
 _FLOAT_SCALARS = {"qk_scale", "scale", "sm_scale", "scale_log2"}
 _FLOAT32_TENSORS = {"Lse", "Delta", "Slopes", "SinkLogits",
                     "Alibi_slopes", "Sink_logits", "Part_max", "Part_sum", "Part_out"}  # paged decode
-_INT_TENSORS = {"Mask": "*i8", "Bounds": "*i32", "Docs": "*i32", "Block_table": "*i32", "Seq_lens": "*i32"}
+_INT_TENSORS = {"Mask": "*i8", "Bounds": "*i32", "Docs": "*i32", "Ids": "*i32", "Block_table": "*i32", "Seq_lens": "*i32"}
 
 
 def _kernel(name: str):
@@ -45,9 +45,10 @@ def _kernel(name: str):
 def compile_variant(kernel_name: str, options: dict, dtype: str = "bf16") -> None:
     """Compile one kernel for sm_90 with these compile-time options (absent tensors are None)."""
     fn = _kernel(kernel_name)
-    absent = {"Mask": not options.get("HAS_PADDING"), "Bounds": not options.get("HAS_PADDING"),
-              "Slopes": not options.get("HAS_ALIBI"), "Docs": not options.get("HAS_DOCS"),
-              "SinkLogits": not options.get("HAS_SINK_LOGITS")}
+    # An optional tensor is None when its kernel has the switch for it and the switch is off.
+    switches = {"Mask": "HAS_PADDING", "Bounds": "HAS_PADDING", "Slopes": "HAS_ALIBI", "Docs": "HAS_DOCS",
+                "SinkLogits": "HAS_SINK_LOGITS"}
+    absent = {name: switch in fn.arg_names and not options.get(switch) for name, switch in switches.items()}
     signature, constexprs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in options or absent.get(name):
@@ -87,6 +88,7 @@ def variants(everything: bool):
             options = dict(combo, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
                            DOT_PRECISION=precision)
             yield kernel, options, dtype
+    yield "_document_bounds_kernel", dict(BLOCK=1024), "bf16"  # packed rows' bounds (scans)
     yield from paged_variants(everything)
 
 

@@ -125,6 +125,32 @@ def test_doc_ids_through_the_custom_ops_under_torch_compile(device):
         assert relative_error(actual, wanted) < 1e-5
 
 
+@pytest.mark.parametrize("length", [1, 7, 1024, 2500])
+def test_document_bounds_are_each_runs_first_and_end(length, device):
+    """The bounds kernel scans 1024 positions at a time and carries the open run across blocks:
+    runs that cross those borders, a row of one document, and a strided row."""
+    from hf_attn_patch.kernels._flash_triton import document_bounds
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 3, (4, 2 * length), dtype=torch.int32)
+    ids[1] = torch.arange(2 * length) // 700
+    ids[2] = 5
+    for rows in (ids[:, :length], ids[:, ::2]):  # contiguous, then strided
+        bounds = document_bounds(rows.to(device)).cpu()
+        for b, row in enumerate(rows.tolist()):
+            first, expected = 0, []
+            for i, doc in enumerate(row):
+                if i > 0 and doc != row[i - 1]:
+                    first = i
+                expected.append(first)
+            end, ends = length, [0] * length
+            for i in reversed(range(length)):
+                if i < length - 1 and row[i] != row[i + 1]:
+                    end = i + 1
+                ends[i] = end
+            assert bounds[b, :, 0].tolist() == expected and bounds[b, :, 1].tolist() == ends
+
+
 def test_doc_ids_need_as_many_queries_as_keys():
     q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="as many queries as keys"):
