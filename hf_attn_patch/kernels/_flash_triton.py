@@ -940,6 +940,8 @@ def _bwd_dq_kernel(
 ):
     """dQ of one query block of one head, over the same key blocks as the forward."""
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:  # causal: as in the forward, the last query blocks see the most keys; start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // num_q_heads
     h = pid_bh % num_q_heads
