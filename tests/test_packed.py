@@ -135,7 +135,7 @@ def test_document_bounds_are_each_runs_first_and_end(length, device):
     ids = torch.randint(0, 3, (4, 2 * length), dtype=torch.int32)
     ids[1] = torch.arange(2 * length) // 700
     ids[2] = 5
-    for rows in (ids[:, :length], ids[:, ::2]):  # contiguous, then strided
+    for rows in (ids[:, :length], ids[:, ::2]):  # positions at stride 1, then at stride 2
         bounds = document_bounds(rows.to(device)).cpu()
         for b, row in enumerate(rows.tolist()):
             first, expected = 0, []

@@ -9,10 +9,11 @@ bookkeeping alone made a patched step slower than stock.
 `launch` keeps the compiled kernel of each (kernel, compile-time arguments, specialisation) and
 calls its C launcher directly, with no launch hooks: the `CompiledKernel[grid]` runner would
 also look the device and stream up through Triton's driver, build launch metadata and call two
-(empty) hook chains from C on every launch. The specialisation is recomputed here by Triton's own rules for what it
-specialises on (an integer equal to 1, divisible by 16, its width; a tensor's dtype and 16-byte
-alignment), so a call that Triton would compile differently never reuses the wrong binary: it
-misses the cache and goes through `JITFunction.run`, which compiles it. Launch hooks (profilers)
+(empty) hook chains from C on every launch. The specialisation is recomputed here by Triton's
+own rules for what it specialises on (an integer equal to 1, divisible by 16, its width; a
+tensor's dtype and 16-byte alignment), so a call that Triton would compile differently never
+reuses the wrong binary: it misses the cache and goes through `JITFunction.run`, which compiles
+it. Launch hooks (profilers)
 and the interpreter always take Triton's own path.
 """
 
