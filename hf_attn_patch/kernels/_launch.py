@@ -13,8 +13,7 @@ also look the device and stream up through Triton's driver, build launch metadat
 own rules for what it specialises on (an integer equal to 1, divisible by 16, its width; a
 tensor's dtype and 16-byte alignment), so a call that Triton would compile differently never
 reuses the wrong binary: it misses the cache and goes through `JITFunction.run`, which compiles
-it. Launch hooks (profilers)
-and the interpreter always take Triton's own path.
+it. Launch hooks (profilers) and the interpreter always take Triton's own path.
 """
 
 from __future__ import annotations
