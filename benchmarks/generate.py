@@ -11,8 +11,9 @@ stock attention implementations against the patched model, in one run.
   `patched-compiled` / `sdpa-compiled` (static cache, torch.compile fullgraph, reduce-overhead,
   i.e. CUDA graphs). For the patched rows: how many Triton kernel variants the warm-up compiled
   and how many more the timed runs compiled (0 means no per-length recompilation).
-* decode step, same model, batch 1 after a 2048-token prefill, in 3 interleaved rounds: wall time of one bare forward
-  (q_len 1, dynamic cache), and from torch.profiler the GPU busy time and kernel launches per step.
+* decode step, same model, batch 1 after a 2048-token prefill, in 3 interleaved rounds: wall
+  time of one bare forward (q_len 1, dynamic cache), and from torch.profiler the GPU busy time
+  and kernel launches per step.
 * prefill, Mistral-shaped model cut to 4 layers (hidden 4096, 32 heads / 8 KV heads,
   intermediate 14336, sliding_window 4096): one 16384-token forward, `sdpa` vs `patched`
   (and `flex_attention` if selected).
@@ -216,8 +217,9 @@ def _generate_in_rounds(model, providers, workload: Workload, inputs, device, re
                         label: str) -> dict[str, dict]:
     """Rows of `providers` (each on a copy of `model` when there are several): set-up and
     warm-up of each, then `repeats` rounds timing each once; the median per provider."""
-    rows = {p: {"benchmark": "generate", "model": label, "provider": p, "batch": workload.batch, "prompt_len": workload.prompt,
-                "new_tokens": workload.new_tokens, "rounds": repeats, "interleaved_with": len(providers)}
+    rows = {p: {"benchmark": "generate", "model": label, "provider": p, "batch": workload.batch,
+                "prompt_len": workload.prompt, "new_tokens": workload.new_tokens, "rounds": repeats,
+                "interleaved_with": len(providers)}
             for p in providers}
     runs, seconds, tokens = {}, {p: [] for p in providers}, {}
     with contextlib.ExitStack() as stack:
@@ -225,8 +227,7 @@ def _generate_in_rounds(model, providers, workload: Workload, inputs, device, re
             row = rows[provider]
             console.print(f"generate {workload.label} {provider}: warm-up ...")
             try:
-                own = model if len(providers) == 1 else copy.deepcopy(model)
-                stack.enter_context(provider_context(own, provider))
+                own = _running(stack, model, provider, copied=len(providers) > 1)
                 run = _generate_call(own, provider, workload, inputs, device)
                 if provider in PAGED:  # before any graph exists: prefill + first token
                     _, row["ttft_s"] = timed(lambda: run(max_new_tokens=1, min_new_tokens=1), device)
@@ -258,11 +259,17 @@ def _generate_in_rounds(model, providers, workload: Workload, inputs, device, re
             new = tokens[provider][:, workload.prompt:]
             if new.shape[1] != workload.new_tokens:
                 row["error"] = f"decoded {new.shape[1]} tokens, not {workload.new_tokens}"
-            row["_new_tokens"] = new
-    for row in rows.values():
-        if "error" in row:
-            row.pop("_new_tokens", None)
+            else:
+                row["_new_tokens"] = new  # compared with sdpa's by the caller, then dropped
     return rows
+
+
+def _running(stack: contextlib.ExitStack, model, provider: str, copied: bool):
+    """`model`, or a copy of it when providers run side by side, running `provider` until the
+    stack closes."""
+    own = copy.deepcopy(model) if copied else model
+    stack.enter_context(provider_context(own, provider))
+    return own
 
 
 def _generate_call(model, provider: str, workload: Workload, inputs, device):
@@ -320,8 +327,7 @@ def bench_decode_step(sizes: Sizes, providers, device, dtype, rounds: int = 3) -
                                     "rounds": rounds}
             console.print(f"decode step after {prompt} tokens {provider}: warm-up ...")
             try:
-                own = model if len(providers) == 1 else copy.deepcopy(model)
-                stack.enter_context(provider_context(own, provider))
+                own = _running(stack, model, provider, copied=len(providers) > 1)
                 cache = None
                 if provider in PAGED:
                     cache = paged_cache(own, Workload(1, prompt, 2 * sizes.decode_steps + 8))

@@ -116,18 +116,20 @@ def profiled_calls(cases, providers) -> int:
                                requires_grad=True) for _ in range(3))
         grad = torch.randn_like(q)
         for provider in providers:
-            attention = build(case, provider, TOKENS)
-            if attention is None:
+            built = build(case, provider, TOKENS)
+            if built is None:
                 continue
-            for _ in range(2):  # compile, tune, warm
-                torch.autograd.grad(attention(q, k, v), (q, k, v), grad)
-            calls.append((case, provider, attention, q, k, v, grad))
+            context, attention = built
+            with context():
+                for _ in range(2):  # compile, tune, warm
+                    torch.autograd.grad(attention(q, k, v), (q, k, v), grad)
+            calls.append((f"{case}/{provider}", context, attention, q, k, v, grad))
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for case, provider, attention, q, k, v, grad in calls:
-        marker(f"{case}/{provider}")
-        out = attention(q, k, v)
-        torch.autograd.grad(out, (q, k, v), grad)
+    for label, context, attention, q, k, v, grad in calls:
+        with context():
+            marker(label)
+            torch.autograd.grad(attention(q, k, v), (q, k, v), grad)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
     return 0
@@ -142,43 +144,27 @@ def marker(label: str) -> None:
     print(f"{MARKER}{label}", file=sys.stderr, flush=True)
 
 
-def build(case: str, provider: str, n: int):
-    import torch
-    import torch.nn.functional as F
+def build(case: str, provider: str, n: int, device: str = "cuda"):
+    """(context, attention) of `provider` for `case`, built by the benchmarks that time them
+    (packed.py for documents, kernels.py otherwise); None where the provider has no such case."""
+    import contextlib
 
-    from hf_attn_patch.kernels import flash_attention
+    import torch
 
     if case == "packed":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from packed import doc_ids_of, document_lengths
+        if provider not in ("ours", "flex"):
+            return None
+        from packed import build as packed_attention, doc_ids_of, document_lengths
 
-        doc_ids = doc_ids_of(document_lengths(n, 128, 2048, seed=0), "cuda")
-        if provider == "ours":
-            return lambda q, k, v: flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
-        if provider == "flex":
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            documents = doc_ids[0]
-
-            def document_causal(b, h, q_idx, kv_idx):
-                return (q_idx >= kv_idx) & (documents[q_idx] == documents[kv_idx])
-
-            block_mask = create_block_mask(document_causal, None, None, n, n, device="cuda")
-            compiled = torch.compile(flex_attention, dynamic=False)
-            return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+        lengths = document_lengths(n, 128, 2048, seed=0)
+        attention = packed_attention(provider, doc_ids_of(lengths, device), lengths, n, torch.device(device))
+        return contextlib.nullcontext, attention
+    if provider not in ("ours", "sdpa-cudnn"):
         return None
-    causal = case == "causal"
-    if provider == "ours":
-        return lambda q, k, v: flash_attention(q, k, v, causal=causal)
-    if provider == "sdpa-cudnn":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    from kernels import Case, Shape, make_provider
 
-        def cudnn(q, k, v):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-        return cudnn
-    return None
+    peer = make_provider(provider, Shape(B=1, H=HEADS, Hkv=HEADS, N=n, D=HEAD_DIM), torch.device(device))
+    return peer.context, peer.build(Case(case))
 
 
 # --- the report ---------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def launch(fn, grid, args: tuple, constexprs: dict) -> None:
         fn[grid](*args, **constexprs)
         return
     # A compiled kernel is loaded on one device: the device is part of the key.
-    key = (fn, torch.cuda.current_device(), tuple(constexprs.items()), _specialisations(args))
+    device = torch.cuda.current_device()
+    key = (fn, device, tuple(constexprs.items()), _specialisations(args))
     known = _COMPILED.get(key)
     if known is None:
         _STATS["slow"] += 1
@@ -64,7 +65,7 @@ def launch(fn, grid, args: tuple, constexprs: dict) -> None:
         else:
             run, function, packed_metadata = c_launcher
             # After the grid, stream and function: launch metadata and the enter/exit hooks, none.
-            run(grid[0], grid[1], grid[2], _current_stream(key[1]), function, packed_metadata, None, None, None,
+            run(grid[0], grid[1], grid[2], _current_stream(device), function, packed_metadata, None, None, None,
                 *args, *constexpr_params)
     except TypeError as error:  # a Triton whose CompiledKernel or launcher is called differently
         _disable(f"{type(error).__name__}: {error}")
