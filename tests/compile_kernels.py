@@ -70,7 +70,7 @@ def compile_variant(kernel_name: str, options: dict, dtype: str = "bf16") -> Non
 def variants(everything: bool):
     """(kernel, options, dtype): each switch on and off at least once, in a few combinations."""
     switches = ("HAS_LEFT", "HAS_RIGHT", "HAS_PADDING", "HAS_ALIBI", "HAS_DOCS", "HAS_SINKS", "HAS_SINK_LOGITS",
-                "FUSED_DQ", "DQ_TMA")  # (each kernel takes the switches it has)
+                "FUSED_DQ")  # (each kernel takes the switches it has)
     if everything:
         combos = [dict(zip(switches, bits)) for bits in itertools.product((False, True), repeat=len(switches))]
     else:

@@ -82,14 +82,8 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
     kv_heads, k_len = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     fused_dq = fused_dq_backward()
-    dq_tma = fused_dq and _has_tma(q.device)
-    if fused_dq:  # float32 sums of dQ (see _bwd_dkdv)
-        block_d = max(16, next_power_of_2(head_dim))
-        dq = q.new_zeros((batch, q_heads, q_len, block_d), dtype=torch.float32)
-        if dq_tma:
-            _ensure_scratch_allocator()
-    else:
-        dq = torch.empty_like(q)
+    # float32 sums of dQ, laid out like q, when the dK/dV pass adds dQ in (see _bwd_dkdv).
+    dq = torch.zeros_like(q, dtype=torch.float32) if fused_dq else torch.empty_like(q)
     if delta is None:
         delta = row_delta(out, grad_out)
     bounds = _padding_bounds(key_padding_mask)
@@ -107,10 +101,10 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
              *dq.stride(), *mask_strides,
              q_len, k_len, q_heads, kv_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right, sinks,
              _bucket(q_len), _bucket(k_len)),
-            {**static, "FUSED_DQ": fused_dq, "DQ_TMA": dq_tma}, dtypes,
+            {**static, "FUSED_DQ": fused_dq}, dtypes,
         )
         if fused_dq:
-            return dq[..., :head_dim].to(q.dtype), dk, dv
+            return dq.to(q.dtype), dk, dv
         _launch_tuned(
             _bwd_dq_kernel, lambda meta: (cdiv(q_len, meta["BLOCK_M"]), batch * q_heads),
             (q, k, v, grad_out, dq, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
@@ -131,32 +125,6 @@ def fused_dq_backward() -> bool:
     if torch.are_deterministic_algorithms_enabled():
         return False
     return os.environ.get("HF_ATTN_PATCH_BACKWARD", "fused").lower() != "two-pass"
-
-
-@functools.lru_cache(maxsize=None)
-def _has_tma(device: torch.device) -> bool:
-    """Tensor memory accelerator (bulk tensor copies and reductions): compiled, Hopper on."""
-    if device.type != "cuda" or interpreter_enabled():
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def _ensure_scratch_allocator() -> None:
-    """A kernel that builds a tensor descriptor needs a little global scratch, which Triton asks
-    of the allocator set in the launching thread's context (autograd's backward runs in a thread
-    of its own): set one there, unless one is set already."""
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-    except ImportError:  # a Triton that keeps it elsewhere: set ours
-        triton.set_allocator(_scratch)
-        return
-    if isinstance(_allocator.get(), NullAllocator):
-        triton.set_allocator(_scratch)
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def row_delta(out, grad_out):
@@ -842,16 +810,13 @@ def _bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     """dK and dV of one key block of one KV head, summed over every query head of its group.
 
     FUSED_DQ: also dQ, added atomically into the float32 dQAcc: each (key block, query block)
     pair then costs 5 matrix products instead of the 7 of this kernel plus `_bwd_dq_kernel`
     (which recomputes the scores and dP). The sum's order varies from run to run.
-    DQ_TMA (Hopper on): each tile of dQ is added by one bulk tensor reduction (TMA), which the
-    copy engine carries out while the warps go on; otherwise element by element. dQAcc is then
-    (B, Hq, q_len, BLOCK_D), contiguous.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -894,13 +859,6 @@ def _bwd_dkdv(
         HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCS, HAS_SINKS, BLOCK_M
     )
 
-    dq_out = dQAcc
-    if FUSED_DQ:
-        if DQ_TMA:
-            dq_out = tl.make_tensor_descriptor(dQAcc, shape=[tl.num_programs(1) * group_size, q_len, BLOCK_D],
-                                               strides=[q_len * BLOCK_D, BLOCK_D, 1],
-                                               block_shape=[1, BLOCK_M, BLOCK_D])
-
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(group_size):
@@ -911,20 +869,20 @@ def _bwd_dkdv(
         row_base = (b * num_q_heads + h) * q_len
         args = (k, v, Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd,
                 dOut + b * stride_db + h * stride_dh, stride_dm, stride_dd,
-                dq_out, b * num_q_heads + h, b * stride_dqb + h * stride_dqh, stride_dqm, stride_dqd,
+                dQAcc + b * stride_dqb + h * stride_dqh, stride_dqm, stride_dqd,
                 Lse + row_base, Delta + row_base, keep, offs_n, offs_d, d_ok,
                 shift, q_len, left, right, sinks, slope, qk_scale, sm_scale, key_first, key_end)
         dk, dv = _dkdv_inner(dk, dv, *args, start, full_start, 0, BLOCK_M, True,
                              HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION,
-                             FUSED_DQ, DQ_TMA)
+                             FUSED_DQ)
         # With FUSED_DQ, programs of neighbouring key blocks start their full blocks at different
         # query blocks, so that they do not all add into the same rows of dQ at once.
         dk, dv = _dkdv_inner(dk, dv, *args, full_start, full_end, pid_n if FUSED_DQ else 0, BLOCK_M, False,
                              HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION,
-                             FUSED_DQ, DQ_TMA)
+                             FUSED_DQ)
         dk, dv = _dkdv_inner(dk, dv, *args, full_end, end, 0, BLOCK_M, True,
                              HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION,
-                             FUSED_DQ, DQ_TMA)
+                             FUSED_DQ)
 
     dk = dk * sm_scale
     tl.store(dK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
@@ -944,13 +902,13 @@ _bwd_dkdv_dq_kernel = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, pr
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, stride_qm, stride_qd, do_base, stride_dm, stride_dd,
-    dq_out, dq_row, dq_offset, stride_dqm, stride_dqd,
+    dq_base, stride_dqm, stride_dqd,
     lse_base, delta_base, keep, offs_n, offs_d, d_ok, shift, q_len, left, right, sinks, slope, qk_scale,
     sm_scale, key_first, key_end,
     start, end, rotation, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate with plain dots.
     # The query blocks of [start, end) in turn, starting at the one `rotation` blocks in.
@@ -1002,11 +960,8 @@ def _dkdv_inner(
         dk = _dot(ds_t, tl.trans(q_t), dk, DOT_PRECISION)
         if FUSED_DQ:
             dq = _dot(tl.trans(ds_t), k, None, DOT_PRECISION) * sm_scale
-            if DQ_TMA:  # (rows past q_len fall outside the descriptor: dropped)
-                dq_out.atomic_add([dq_row, start_m, 0], tl.reshape(dq, [1, BLOCK_M, offs_d.shape[0]]))
-            else:
-                tl.atomic_add(dq_out + dq_offset + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-                              dq, mask=io_ok, sem="relaxed")
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
+                          mask=io_ok, sem="relaxed")
     return dk, dv
 
 
