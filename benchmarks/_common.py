@@ -9,10 +9,8 @@ and a plot can pick out the newest run. Import from a script in this folder with
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
-import os
 import json
 import platform
 import re
@@ -39,7 +37,6 @@ __all__ = [
     "free_memory",
     "error_string",
     "relative_error",
-    "backward_of",
 ]
 
 
@@ -188,25 +185,6 @@ def latest_run(rows: list[dict]) -> list[dict]:
 
 
 # --- small helpers ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def backward_of(provider: str):
-    """Inside, our kernels' backward is the one the provider name asks for: "ours-two-pass" runs
-    the deterministic dK/dV pass + dQ pass, "ours" the default (dQ added into the dK/dV pass)."""
-    name = "HF_ATTN_PATCH_BACKWARD"
-    previous = os.environ.get(name)
-    if provider == "ours-two-pass":
-        os.environ[name] = "two-pass"
-    else:
-        os.environ.pop(name, None)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
 
 
 def free_memory() -> None:

@@ -38,7 +38,6 @@ from rich.table import Table
 
 from _common import (
     RESULTS_DIR,
-    backward_of,
     do_bench_median,
     environment,
     error_string,
@@ -58,8 +57,7 @@ SEQ_LENS = (1024, 4096, 16384)
 WINDOWS = (1024, 4096)
 WINDOW_MIN_SEQ_LEN = 4096  # window rows only where the window is a real saving
 MODES = ("noncausal", "causal", "window")
-# ours-two-pass: our kernels with the deterministic backward (HF_ATTN_PATCH_BACKWARD=two-pass).
-PROVIDERS = ("ours", "ours-two-pass", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
+PROVIDERS = ("ours", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 MAX_REL_ERROR = 2e-2  # bf16 output vs the SDPA reference
 BACKWARD_FLOP_FACTOR = 2.5
 TORCH_WARNING_SOURCE = re.compile(r"\s*\(Triggered internally at [^)]*\)")  # noise in an error cell
@@ -380,22 +378,21 @@ def windowed_reference(q, k, v, window: int, chunk: int = 1024) -> torch.Tensor:
 
 
 def make_provider(name: str, shape: Shape, device: torch.device):
-    if name in ("ours", "ours-two-pass"):
-        return Ours(name)
+    if name == "ours":
+        return Ours()
     if name == "flex":
         return Flex(shape, device)
     return Sdpa(name)
 
 
 class Ours:
-    def __init__(self, name: str = "ours"):
-        self.name = name
+    name = "ours"
 
     def supports(self, case: Case) -> bool:
         return True
 
     def context(self):
-        return backward_of(self.name)
+        return contextlib.nullcontext()
 
     def build(self, case: Case) -> Callable:
         # Imported here so that the peers still run while our kernel does not import.

@@ -93,7 +93,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--providers", nargs="+", default=["ours", "sdpa-cudnn", "flex"],
-                        help="ours, ours-two-pass (the deterministic backward), sdpa-cudnn (not for packed), flex (packed only)")
+                        help="ours, sdpa-cudnn (not for packed), flex (packed only)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--summarise", type=Path, help="redraw the table of a saved raw .csv (its .json beside it)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -147,20 +147,19 @@ def marker(label: str) -> None:
 def build(case: str, provider: str, n: int, device: str = "cuda"):
     """(context, attention) of `provider` for `case`, built by the benchmarks that time them
     (packed.py for documents, kernels.py otherwise); None where the provider has no such case."""
-    import functools
+    import contextlib
 
     import torch
 
     if case == "packed":
-        if provider not in ("ours", "ours-two-pass", "flex"):
+        if provider not in ("ours", "flex"):
             return None
-        from _common import backward_of
         from packed import build as packed_attention, doc_ids_of, document_lengths
 
         lengths = document_lengths(n, 128, 2048, seed=0)
         attention = packed_attention(provider, doc_ids_of(lengths, device), lengths, n, torch.device(device))
-        return functools.partial(backward_of, provider), attention
-    if provider not in ("ours", "ours-two-pass", "sdpa-cudnn"):
+        return contextlib.nullcontext, attention
+    if provider not in ("ours", "sdpa-cudnn"):
         return None
     from kernels import Case, Shape, make_provider
 

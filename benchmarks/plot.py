@@ -18,7 +18,7 @@ from _common import read_results
 
 PASSES = ("fwd", "bwd")
 ROW_KEY = ("kernel", "provider", "mode", "window", "pass", "B", "H", "Hkv", "N", "D")
-PROVIDER_ORDER = ("ours", "ours-two-pass", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
+PROVIDER_ORDER = ("ours", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 
 
 def main() -> None:

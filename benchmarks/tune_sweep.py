@@ -83,7 +83,7 @@ def measure_case(case: str, tokens: int) -> dict:
     torch.cuda.synchronize()
     first_call_s = time.perf_counter() - started
     names = {_flash_triton._fwd_kernel: "fwd", _flash_triton._bwd_dkdv_kernel: "dkdv",
-             _flash_triton._bwd_dkdv_dq_kernel: "dkdv", _flash_triton._bwd_dq_kernel: "dq"}
+             _flash_triton._bwd_dq_kernel: "dq"}
     chosen = {names[key[0]]: _short(config) for key, config in _flash_triton._CHOSEN_CONFIGS.items()
               if key not in before}
     with torch.no_grad():

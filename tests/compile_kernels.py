@@ -31,7 +31,7 @@ from hf_attn_patch.kernels import _flash_triton, _paged_triton  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
 _FLOAT_SCALARS = {"qk_scale", "scale", "sm_scale", "scale_log2"}
-_FLOAT32_TENSORS = {"Lse", "Delta", "Slopes", "SinkLogits", "dQAcc",
+_FLOAT32_TENSORS = {"Lse", "Delta", "Slopes", "SinkLogits",
                     "Alibi_slopes", "Sink_logits", "Part_max", "Part_sum", "Part_out"}  # paged decode
 _INT_TENSORS = {"Mask": "*i8", "Bounds": "*i32", "Docs": "*i32", "Ids": "*i32", "Block_table": "*i32", "Seq_lens": "*i32"}
 
@@ -69,14 +69,13 @@ def compile_variant(kernel_name: str, options: dict, dtype: str = "bf16") -> Non
 
 def variants(everything: bool):
     """(kernel, options, dtype): each switch on and off at least once, in a few combinations."""
-    switches = ("HAS_LEFT", "HAS_RIGHT", "HAS_PADDING", "HAS_ALIBI", "HAS_DOCS", "HAS_SINKS", "HAS_SINK_LOGITS",
-                "FUSED_DQ")  # (each kernel takes the switches it has)
+    switches = ("HAS_LEFT", "HAS_RIGHT", "HAS_PADDING", "HAS_ALIBI", "HAS_DOCS", "HAS_SINKS", "HAS_SINK_LOGITS")
     if everything:
         combos = [dict(zip(switches, bits)) for bits in itertools.product((False, True), repeat=len(switches))]
     else:
         off = dict.fromkeys(switches, False)
         combos = [off, dict.fromkeys(switches, True),
-                  {**off, "HAS_RIGHT": True, "HAS_DOCS": True, "HAS_SINK_LOGITS": True, "FUSED_DQ": True},
+                  {**off, "HAS_RIGHT": True, "HAS_DOCS": True, "HAS_SINK_LOGITS": True},
                   {**off, "HAS_LEFT": True, "HAS_PADDING": True},
                   # a causal sliding window with sinks (StreamingLLM, gpt-oss)
                   {**off, "HAS_LEFT": True, "HAS_RIGHT": True, "HAS_SINKS": True, "HAS_SINK_LOGITS": True}]

@@ -124,68 +124,6 @@ def test_head_dims(head_dim, device):
     check_against_reference(q, k, v, causal=True, key_padding_mask=left_padding_mask(1, 40, device))
 
 
-# The backward adds dQ into the dK/dV pass by atomics unless asked for the deterministic two-pass
-# one; the tests above run the default, these run both.
-BACKWARD_CASES = {
-    "full": dict(),
-    "window_tuple_causal": dict(window=(20, 5), causal=True),
-    "holes": dict(key_padding_mask="holes"),
-    "alibi_window_padding": dict(window=17, alibi_slopes=True, key_padding_mask="left"),
-    "window_sinks": dict(window=9, causal=True, sinks=3),
-    "documents": dict(causal=True, doc_ids="documents"),
-}
-
-
-def resolve_backward_case(name, batch, q_heads, length, device):
-    options = resolve(BACKWARD_CASES[name], batch, q_heads, length, device)
-    if options.get("doc_ids") == "documents":  # three documents (7, 20, 18 of 45 tokens), in both rows
-        first, second = length * 7 // 45, length * 27 // 45
-        ids = [0] * first + [1] * (second - first) + [2] * (length - second)
-        options["doc_ids"] = torch.tensor(ids, device=device).expand(batch, -1)
-    return options
-
-
-@pytest.mark.parametrize("backward", ["fused", "two-pass"])
-@pytest.mark.parametrize("name", list(BACKWARD_CASES))
-def test_both_backwards_match_reference(name, backward, device, monkeypatch):
-    monkeypatch.setenv("HF_ATTN_PATCH_BACKWARD", backward)
-    batch, q_heads, kv_heads, length, head_dim = 2, 4, 2, 45, 32
-    q, k, v = make_inputs(batch, q_heads, kv_heads, length, length, head_dim, torch.float32, device, seed=7)
-    check_against_reference(q, k, v, **resolve_backward_case(name, batch, q_heads, length, device))
-
-
-def test_deterministic_algorithms_take_the_two_pass_backward(device, monkeypatch):
-    from hf_attn_patch.kernels import _flash_triton
-
-    launched = []
-    launch_tuned = _flash_triton._launch_tuned
-
-    def recording(kernel, *args):
-        launched.append(kernel)
-        return launch_tuned(kernel, *args)
-
-    monkeypatch.setattr(_flash_triton, "_launch_tuned", recording)
-    q, k, v = (t.requires_grad_() for t in make_inputs(1, 4, 2, 40, 40, 16, torch.float32, device, seed=3))
-    grad_out = torch.randn_like(q)
-
-    def grads():
-        return torch.autograd.grad(flash_attention(q, k, v, causal=True), (q, k, v), grad_out)
-
-    fused = grads()
-    assert _flash_triton._bwd_dkdv_dq_kernel in launched and _flash_triton._bwd_dq_kernel not in launched
-    launched.clear()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        first, second = grads(), grads()
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-    assert _flash_triton._bwd_dq_kernel in launched and _flash_triton._bwd_dkdv_dq_kernel not in launched
-    assert all(torch.equal(a, b) for a, b in zip(first, second))  # the same sums, in the same order
-    for a, b in zip(fused, first):
-        assert relative_error(a, b) < TOLERANCE[torch.float32]
-
-
 def test_non_contiguous_inputs(device):
     batch, heads, length, head_dim = 2, 4, 37, 32
     # q as transformers hands it over (a transposed view), k and v as slices of a wider tensor.
@@ -298,16 +236,6 @@ def test_gpu_options_match_reference(name, dtype):
     if "window" in options and isinstance(options["window"], int):
         options["window"] = 300
     check_against_reference(q, k, v, **options)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backward", ["fused", "two-pass"])
-@pytest.mark.parametrize("name", list(BACKWARD_CASES))
-def test_gpu_both_backwards_match_reference(name, backward, monkeypatch):
-    monkeypatch.setenv("HF_ATTN_PATCH_BACKWARD", backward)
-    batch, q_heads, kv_heads, length, head_dim = 2, 8, 2, 1000, 128
-    q, k, v = make_inputs(batch, q_heads, kv_heads, length, length, head_dim, torch.bfloat16, "cuda", seed=5)
-    check_against_reference(q, k, v, **resolve_backward_case(name, batch, q_heads, length, "cuda"))
 
 
 @pytest.mark.gpu

@@ -80,10 +80,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
     """dq, dk, dv; delta (from `row_delta`) may be given when the caller needed it already."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    fused_dq = fused_dq_backward()
-    # float32 sums of dQ, laid out like q, when the dK/dV pass adds dQ in (see _bwd_dkdv).
-    dq = torch.zeros_like(q, dtype=torch.float32) if fused_dq else torch.empty_like(q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if delta is None:
         delta = row_delta(out, grad_out)
     bounds = _padding_bounds(key_padding_mask)
@@ -94,17 +91,14 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
 
     with _on_device(q):
         _launch_tuned(
-            _bwd_dkdv_dq_kernel if fused_dq else _bwd_dkdv_kernel,
-            lambda meta: (cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads),
-            (q, k, v, grad_out, dk, dv, dq, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
+            _bwd_dkdv_kernel, lambda meta: (cdiv(k_len, meta["BLOCK_N"]), batch * kv_heads),
+            (q, k, v, grad_out, dk, dv, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-             *dq.stride(), *mask_strides,
+             *mask_strides,
              q_len, k_len, q_heads, kv_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right, sinks,
              _bucket(q_len), _bucket(k_len)),
-            {**static, "FUSED_DQ": fused_dq}, dtypes,
+            static, dtypes,
         )
-        if fused_dq:
-            return dq.to(q.dtype), dk, dv
         _launch_tuned(
             _bwd_dq_kernel, lambda meta: (cdiv(q_len, meta["BLOCK_M"]), batch * q_heads),
             (q, k, v, grad_out, dq, lse, delta, key_padding_mask, bounds, alibi_slopes, docs,
@@ -115,16 +109,6 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
             static, dtypes,
         )
     return dq, dk, dv
-
-
-def fused_dq_backward() -> bool:
-    """Whether the backward adds dQ into the dK/dV pass by atomics (5 matrix products per tile
-    pair) rather than running a second, dQ-only pass (7, but the same sums in the same order on
-    every run). The second pass is taken when torch is asked for deterministic algorithms
-    (`torch.use_deterministic_algorithms(True)`) or HF_ATTN_PATCH_BACKWARD=two-pass."""
-    if torch.are_deterministic_algorithms_enabled():
-        return False
-    return os.environ.get("HF_ATTN_PATCH_BACKWARD", "fused").lower() != "two-pass"
 
 
 def row_delta(out, grad_out):
@@ -273,7 +257,7 @@ def set_autotuning(enabled: bool, candidates: dict[str, list[tuple]] | None = No
     """
     candidates = candidates or {}
     for name, kernel, blocks in (("fwd", _fwd_kernel, _FWD_BLOCKS), ("dkdv", _bwd_dkdv_kernel, _DKDV_BLOCKS),
-                                 ("dkdv", _bwd_dkdv_dq_kernel, _DKDV_BLOCKS), ("dq", _bwd_dq_kernel, _DQ_BLOCKS)):
+                                 ("dq", _bwd_dq_kernel, _DQ_BLOCKS)):
         kernel.configs = _configs(candidates.get(name, blocks), tuned=enabled)
         kernel.cache.clear()
     _CHOSEN_CONFIGS.clear()
@@ -794,30 +778,25 @@ def _bwd_delta_kernel(
     tl.store(Delta + pid_bh * q_len + offs_m, delta, mask=offs_m < q_len)
 
 
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DKDV_PRUNE)
 @triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
-def _bwd_dkdv(
-    Q, K, V, dOut, dK, dV, dQAcc, Lse, Delta, Mask, Bounds, Slopes, Docs,
+def _bwd_dkdv_kernel(
+    Q, K, V, dOut, dK, dV, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_db, stride_dh, stride_dm, stride_dd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mn,
     q_len, k_len, num_q_heads, num_kv_heads, group_size, qk_scale, sm_scale, left, right, sinks,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """dK and dV of one key block of one KV head, summed over every query head of its group.
-
-    FUSED_DQ: also dQ, added atomically into the float32 dQAcc: each (key block, query block)
-    pair then costs 5 matrix products instead of the 7 of this kernel plus `_bwd_dq_kernel`
-    (which recomputes the scores and dP). The sum's order varies from run to run.
-    """
+    """dK and dV of one key block of one KV head, summed over every query head of its group."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -839,9 +818,8 @@ def _bwd_dkdv(
         if HAS_SINKS:
             seen = seen | (offs_n < sinks)
         v_ok = v_ok & seen[:, None]
-    # K of such a key loads as zeros too: its dS row is 0, and dQ += dS K must not meet a NaN.
     k = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=v_ok, other=0.0)
+                + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
     v = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn
                 + offs_d[None, :] * stride_vd, mask=v_ok, other=0.0)
 
@@ -869,20 +847,14 @@ def _bwd_dkdv(
         row_base = (b * num_q_heads + h) * q_len
         args = (k, v, Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd,
                 dOut + b * stride_db + h * stride_dh, stride_dm, stride_dd,
-                dQAcc + b * stride_dqb + h * stride_dqh, stride_dqm, stride_dqd,
                 Lse + row_base, Delta + row_base, keep, offs_n, offs_d, d_ok,
-                shift, q_len, left, right, sinks, slope, qk_scale, sm_scale, key_first, key_end)
-        dk, dv = _dkdv_inner(dk, dv, *args, start, full_start, 0, BLOCK_M, True,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION,
-                             FUSED_DQ)
-        # With FUSED_DQ, programs of neighbouring key blocks start their full blocks at different
-        # query blocks, so that they do not all add into the same rows of dQ at once.
-        dk, dv = _dkdv_inner(dk, dv, *args, full_start, full_end, pid_n if FUSED_DQ else 0, BLOCK_M, False,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION,
-                             FUSED_DQ)
-        dk, dv = _dkdv_inner(dk, dv, *args, full_end, end, 0, BLOCK_M, True,
-                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION,
-                             FUSED_DQ)
+                shift, q_len, left, right, sinks, slope, qk_scale, key_first, key_end)
+        dk, dv = _dkdv_inner(dk, dv, *args, start, full_start, BLOCK_M, True,
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, *args, full_start, full_end, BLOCK_M, False,
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, *args, full_end, end, BLOCK_M, True,
+                             HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
 
     dk = dk * sm_scale
     tl.store(dK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
@@ -891,30 +863,18 @@ def _bwd_dkdv(
              + offs_d[None, :] * stride_dvd, dv.to(dV.dtype.element_ty), mask=kv_ok)
 
 
-
-_bwd_dkdv_kernel = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY,
-                                   prune_configs_by=_DKDV_PRUNE)(_bwd_dkdv)
-# The same kernel adding dQ into dQAcc: the autotuner zeroes it before each trial and before the
-# launch it keeps.
-_bwd_dkdv_dq_kernel = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DKDV_PRUNE,
-                                      reset_to_zero=["dQAcc"])(_bwd_dkdv)
-
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, stride_qm, stride_qd, do_base, stride_dm, stride_dd,
-    dq_base, stride_dqm, stride_dqd,
     lse_base, delta_base, keep, offs_n, offs_d, d_ok, shift, q_len, left, right, sinks, slope, qk_scale,
-    sm_scale, key_first, key_end,
-    start, end, rotation, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    key_first, key_end,
+    start, end, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate with plain dots.
-    # The query blocks of [start, end) in turn, starting at the one `rotation` blocks in.
-    blocks = tl.cdiv(end - start, BLOCK_M)
-    for step in range(0, blocks):
-        start_m = start + ((step + rotation) % blocks) * BLOCK_M
+    for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         # A full block's rows all exist: its loads take no row mask. (A runtime all-true mask,
         # offs_m >= 0, cost the full-block loop a predicate per element: Nsight Compute,
@@ -956,12 +916,8 @@ def _dkdv_inner(
         do = tl.load(do_base + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=io_ok, other=0.0)
         dv = _dot(p_t.to(do.dtype), do, dv, DOT_PRECISION)
         dp_t = _dot(v, tl.trans(do), None, DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
-        dk = _dot(ds_t, tl.trans(q_t), dk, DOT_PRECISION)
-        if FUSED_DQ:
-            dq = _dot(tl.trans(ds_t), k, None, DOT_PRECISION) * sm_scale
-            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
-                          mask=io_ok, sem="relaxed")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, DOT_PRECISION)
     return dk, dv
 
 
