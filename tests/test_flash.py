@@ -171,9 +171,37 @@ def test_repeat_launches_reuse_the_tuned_config_and_skip_the_custom_op(device, m
         expected = attention_reference(q, k, v, causal=True, key_padding_mask=mask)
         assert relative_error(out, expected) < TOLERANCE[torch.float32]
     assert len(_flash_triton._CHOSEN_CONFIGS) == 1  # one key, tuned once, reused twice
-    # With gradients wanted, the call goes through the custom op (and its autograd).
-    with pytest.raises(AssertionError, match="custom op"):
-        flash_attention(q.requires_grad_(), k, v, causal=True, key_padding_mask=mask)
+
+
+def test_eager_training_skips_the_custom_ops(device, monkeypatch):
+    """Eager autograd runs the kernels through a plain autograd.Function: the ops' dispatch is
+    host time on every call. The gradients are still the reference's."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("eager training went through a custom op")
+
+    for name in ("flash_attention_forward", "flash_attention_backward"):
+        monkeypatch.setattr(torch.ops.hf_attn_patch, name, forbidden)
+    q, k, v = make_inputs(2, 4, 2, 30, 30, 16, torch.float32, device, seed=11)
+    check_against_reference(q, k, v, causal=True, key_padding_mask=left_padding_mask(2, 30, device))
+
+
+def test_custom_ops_give_the_eager_paths_results(device, monkeypatch):
+    """torch.compile and tensor subclasses take the custom ops: the same kernels, the same bits."""
+    from hf_attn_patch.kernels import flash
+
+    q, k, v = make_inputs(2, 4, 2, 30, 30, 16, torch.float32, device, seed=12)
+    grad_out = torch.randn_like(q)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flash_attention(*leaves, causal=True, window=9)
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    eager = run()
+    monkeypatch.setattr(flash, "_path", lambda *tensors: flash._CUSTOM_OP)
+    through_ops = run()
+    assert all(torch.equal(a, b) for a, b in zip(eager, through_ops))
 
 
 def test_compiles_without_graph_breaks(device):

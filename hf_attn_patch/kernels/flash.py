@@ -3,7 +3,8 @@
 Semantics are those of `reference.attention_reference` (see DESIGN.md). This module checks the
 inputs, turns the options into the kernel's two window bounds, and registers the Triton launch
 as torch custom ops (forward and backward) so that a patched model runs under `torch.compile`
-without graph breaks. The kernels themselves live in `_flash_triton.py`.
+without graph breaks; eager calls skip the ops' dispatch (see `_path`). The kernels themselves
+live in `_flash_triton.py`.
 """
 
 from __future__ import annotations
@@ -63,27 +64,39 @@ def flash_attention(
         alibi_slopes = alibi_slopes.to(torch.float32)
     if sink_logits is not None:
         sink_logits = sink_logits.to(torch.float32).contiguous()  # the kernel reads it at stride 1
-    if _needs_custom_op(q, k, v, sink_logits):
-        out, _ = torch.ops.hf_attn_patch.flash_attention_forward(
-            q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids, sinks, sink_logits
-        )
+    inputs = (q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids, sinks, sink_logits)
+    path = _path(q, k, v, sink_logits)
+    if path is _CUSTOM_OP:
+        out, _ = torch.ops.hf_attn_patch.flash_attention_forward(*inputs)
+    elif path is _EAGER_AUTOGRAD:
+        out = _EagerFlashAttention.apply(*inputs)
     else:
-        out, _ = _flash_triton.forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids,
-                                       sinks, sink_logits)
+        out, _ = _flash_triton.forward(*inputs)
     return out
 
 
-def _needs_custom_op(*tensors: torch.Tensor | None) -> bool:
-    """The custom op is there for autograd and torch.compile (and tensor subclasses, fake
-    tensors among them). Plain eager inference launches the kernel directly: the op's dispatch
-    costs ~45 us of host time a call on the H100 machine, in a decode step bound by the host."""
+_CUSTOM_OP, _EAGER_AUTOGRAD, _DIRECT = "custom op", "eager autograd", "direct"
+
+
+def _path(*tensors: torch.Tensor | None) -> str:
+    """How a call reaches the kernels. The custom ops are there for torch.compile and tensor
+    subclasses (fake tensors, DTensor under FSDP). Plain eager tensors skip their dispatch, which
+    costs host time on every call: ~45 us on the H100 machine's host for the forward op alone,
+    and with autograd ~75 us more per call on a CPU host (benchmarks/host_overhead.py), enough to
+    make a short forward host-bound. Eager training runs the same forward and backward through a
+    plain autograd.Function; eager inference launches the kernel directly."""
     if torch.compiler.is_compiling():
-        return True
+        return _CUSTOM_OP
     grad_enabled = torch.is_grad_enabled()
+    path = _DIRECT
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad_enabled and t.requires_grad)):
-            return True
-    return False
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor:
+            return _CUSTOM_OP
+        if grad_enabled and t.requires_grad:
+            path = _EAGER_AUTOGRAD
+    return path
 
 
 # --- torch custom ops ---------------------------------------------------------------------------
@@ -158,31 +171,54 @@ def _row_delta_fake(out, grad_out):
 _SINK_LOGITS = 10  # index of sink_logits among the forward op's inputs
 
 
-def _setup_context(ctx, inputs, output):
+def _save_for_backward(ctx, inputs, out, lse):
     q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids, sinks, sink_logits = inputs
-    out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, alibi_slopes, doc_ids, sink_logits)
     ctx.window = (left, right)
     ctx.scale = scale
     ctx.sinks = sinks
-    ctx.mark_non_differentiable(lse)
 
 
-def _autograd_backward(ctx, grad_out, _grad_lse):
+def _gradients(ctx, grad_out, row_delta, backward):
+    """The gradients of every forward input, with row_delta and backward either the custom ops
+    (traced under torch.compile) or the Triton launches themselves (eager)."""
     q, k, v, out, lse, key_padding_mask, alibi_slopes, doc_ids, sink_logits = ctx.saved_tensors
     left, right = ctx.window
     delta = d_sink_logits = None
     if sink_logits is not None and ctx.needs_input_grad[_SINK_LOGITS]:
         # d sink_h = -sum over rows of p_sink * delta, with p_sink = exp(sink_h - lse) (lse is in
-        # base 2 and includes the sink). delta is computed once and handed to the backward op.
-        delta = torch.ops.hf_attn_patch.flash_attention_row_delta(out, grad_out)
+        # base 2 and includes the sink). delta is computed once and handed to the backward.
+        delta = row_delta(out, grad_out)
         sink_probs = torch.exp2(sink_logits[None, :, None] * _flash_triton.LOG2E - lse)
         d_sink_logits = -(sink_probs * delta).sum(dim=(0, 2))
-    dq, dk, dv = torch.ops.hf_attn_patch.flash_attention_backward(
-        grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, ctx.scale, doc_ids,
-        ctx.sinks, delta
-    )
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, right, ctx.scale,
+                          doc_ids, ctx.sinks, delta)
     return dq, dk, dv, None, None, None, None, None, None, None, d_sink_logits
 
 
+def _setup_context(ctx, inputs, output):
+    out, lse = output
+    _save_for_backward(ctx, inputs, out, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_backward(ctx, grad_out, _grad_lse):
+    return _gradients(ctx, grad_out, torch.ops.hf_attn_patch.flash_attention_row_delta,
+                      torch.ops.hf_attn_patch.flash_attention_backward)
+
+
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _EagerFlashAttention(torch.autograd.Function):
+    """The custom ops' forward and backward for plain eager tensors, without their dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _flash_triton.forward(*inputs)
+        _save_for_backward(ctx, inputs, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _gradients(ctx, grad_out, _flash_triton.row_delta, _flash_triton.backward)
