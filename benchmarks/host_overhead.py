@@ -4,9 +4,10 @@ A decode step of a 1B model is bound by the host launching kernels (benchmarks/g
 decode-step profile), so every microsecond of Python per attention call counts 16 times a
 token. This times, per call, without synchronising (the GPU lags behind; only the host cost is
 measured): the Triton launch (`_flash_triton.forward`), the torch custom op around it (what
-autograd and torch.compile go through), `flash_attention` (checks included), and a floor of
-two tensor allocations; then a cProfile of the launch, and of whole decode steps of generate.py's
-Llama-1B shape (sdpa and patched).
+torch.compile goes through), `flash_attention` (checks included), and a floor of two tensor
+allocations; then one forward + backward with gradients, through the eager autograd.Function
+and through the custom ops; then a cProfile of the launch, and of whole decode steps of
+generate.py's Llama-1B shape (sdpa and patched).
 
     python benchmarks/host_overhead.py            # CUDA GPU
 """
@@ -48,12 +49,14 @@ def main() -> None:
     rows = {
         "Triton launch (_flash_triton.forward)": lambda: _flash_triton.forward(*args),
         "torch custom op": lambda: torch.ops.hf_attn_patch.flash_attention_forward(*args),
-        "flash_attention (checks + custom op)": lambda: flash_attention(q, k, v, causal=True),
+        "flash_attention (checks + direct launch)": lambda: flash_attention(q, k, v, causal=True),
         "torch.empty x2 (floor of any launcher)": lambda: (torch.empty_like(q), torch.empty(1, 32, 1, device=device)),
     }
     with torch.no_grad():
         for name, fn in rows.items():
             print(f"{per_call_us(fn):8.1f} us  {name}")
+    training_rows(q, k, v)
+    with torch.no_grad():
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(500):
@@ -63,6 +66,26 @@ def main() -> None:
     print("\ncProfile of 500 launches (by own time):")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     decode_step_profiles()
+
+
+def training_rows(q, k, v) -> None:
+    """Host time of one forward + backward with gradients: eager tensors take a plain
+    autograd.Function; compiled code and tensor subclasses take the custom ops (forced here)."""
+    from hf_attn_patch.kernels import flash
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn_like(q)
+
+    def step():
+        torch.autograd.grad(flash_attention(*leaves, causal=True), leaves, grad_out)
+
+    print(f"{per_call_us(step, 500):8.1f} us  forward + backward, eager autograd.Function")
+    eager_path = flash._path
+    flash._path = lambda *tensors: flash._CUSTOM_OP
+    try:
+        print(f"{per_call_us(step, 500):8.1f} us  forward + backward, through the custom ops")
+    finally:
+        flash._path = eager_path
 
 
 def decode_step_profiles(steps: int = 30) -> None:
