@@ -178,6 +178,58 @@ def test_custom_ops_registered(device):
     )
 
 
+def decode_step(q, key, value, k_pages, v_pages, block_table, seq_lens, slots):
+    write_to_pages(key, value, k_pages, v_pages, slots)
+    return paged_attention(q, k_pages, v_pages, block_table, seq_lens, window=20)
+
+
+def step_inputs(device, seed=4):
+    q, k_pages, v_pages, block_table, seq_lens = make_paged_inputs((30, 9), 4, 2, 16, torch.float32, device,
+                                                                   seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    key, value = (torch.randn(2, 2, 1, 16, generator=generator).to(device) for _ in range(2))
+    # the new token's slot: position seq_lens - 1, in its sequence's block of the table
+    position = (seq_lens - 1).long()
+    block_size = k_pages.shape[1]
+    physical = block_table.long().gather(1, (position // block_size)[:, None])[:, 0]
+    slots = (physical * block_size + position % block_size)[:, None]
+    return q, key, value, k_pages, v_pages, block_table, seq_lens, slots
+
+
+def test_eager_decode_launches_without_the_custom_ops(device, monkeypatch):
+    """The ops' dispatch is host time twice per layer of a decode step: eager calls skip it."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an eager decode step went through a custom op")
+
+    for name in ("paged_attention", "write_to_pages"):
+        monkeypatch.setattr(torch.ops.hf_attn_patch, name, forbidden)
+    inputs = step_inputs(device)
+    q, key, value, k_pages, v_pages, block_table, seq_lens, slots = inputs
+    out = decode_step(*inputs)
+    assert torch.equal(k_pages.view(-1, 2, 16)[slots[:, 0]], key[:, :, 0])  # the new token was written
+    expected = paged_attention_reference(q, k_pages, v_pages, block_table, seq_lens, window=20)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+
+
+def test_compiled_decode_step_goes_through_the_custom_ops(device, monkeypatch):
+    """Under torch.compile the ops (with their fake versions) are what the graph holds: one
+    graph, the same pages and output as eager."""
+    from hf_attn_patch.kernels import paged
+
+    eager_inputs, compiled_inputs = step_inputs(device), step_inputs(device)
+    expected = decode_step(*eager_inputs)
+    choices = []
+    through_custom_op = paged._through_custom_op
+    monkeypatch.setattr(paged, "_through_custom_op", lambda *t: choices.append(through_custom_op(*t)) or choices[-1])
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_step, backend="aot_eager", fullgraph=True)
+    out = compiled(*compiled_inputs)
+    assert choices == [True, True]  # write and decode, both while tracing
+    assert torch.equal(out, expected)
+    assert torch.equal(compiled_inputs[3], eager_inputs[3]) and torch.equal(compiled_inputs[4], eager_inputs[4])
+
+
 # --- GPU: real sizes, compiled kernels, CUDA graphs -----------------------------------------------
 
 

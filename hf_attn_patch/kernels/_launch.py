@@ -25,7 +25,7 @@ import triton
 
 from ._checks import interpreter_enabled
 
-__all__ = ["launch", "fast_launch_stats", "tritons_own_launch", "cdiv", "next_power_of_2"]
+__all__ = ["launch", "fast_launch_stats", "tritons_own_launch", "cdiv", "next_power_of_2", "custom_op_required"]
 
 _COMPILED: dict[tuple, object] = {}
 _STATS = {"fast": 0, "slow": 0}
@@ -147,6 +147,16 @@ def _specialisations(args: tuple) -> tuple:
         else:
             key.append((kind, arg))
     return tuple(key)
+
+
+def custom_op_required(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call must reach the kernels through our torch custom ops: while torch.compile
+    traces, and for tensor subclasses (fake tensors, DTensor). Plain eager tensors skip the ops'
+    dispatch, which is host time on every call (~45 us a call on the H100 machine's host, more
+    with autograd: docs/patching.md)."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(t is not None and type(t) is not torch.Tensor for t in tensors)
 
 
 def cdiv(a: int, b: int) -> int:

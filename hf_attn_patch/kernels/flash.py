@@ -15,6 +15,7 @@ import torch
 
 from . import _flash_triton
 from ._checks import check_attention_inputs, check_sinks, window_reach
+from ._launch import custom_op_required
 
 __all__ = ["flash_attention"]
 
@@ -79,24 +80,15 @@ _CUSTOM_OP, _EAGER_AUTOGRAD, _DIRECT = "custom op", "eager autograd", "direct"
 
 
 def _path(*tensors: torch.Tensor | None) -> str:
-    """How a call reaches the kernels. The custom ops are there for torch.compile and tensor
-    subclasses (fake tensors, DTensor under FSDP). Plain eager tensors skip their dispatch, which
-    costs host time on every call: ~45 us on the H100 machine's host for the forward op alone,
-    and with autograd ~75 us more per call on a CPU host (benchmarks/host_overhead.py), enough to
-    make a short forward host-bound. Eager training runs the same forward and backward through a
-    plain autograd.Function; eager inference launches the kernel directly."""
-    if torch.compiler.is_compiling():
+    """How a call reaches the kernels: the custom ops where `custom_op_required`; otherwise eager
+    training runs the same forward and backward through a plain autograd.Function (the ops cost
+    ~190 us more host time per forward + backward on a CPU host, enough to make a short call
+    host-bound: docs/patching.md), and eager inference launches the kernel directly."""
+    if custom_op_required(*tensors):
         return _CUSTOM_OP
-    grad_enabled = torch.is_grad_enabled()
-    path = _DIRECT
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor:
-            return _CUSTOM_OP
-        if grad_enabled and t.requires_grad:
-            path = _EAGER_AUTOGRAD
-    return path
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _EAGER_AUTOGRAD
+    return _DIRECT
 
 
 # --- torch custom ops ---------------------------------------------------------------------------

@@ -10,7 +10,9 @@ Layout (DESIGN.md, "Decode with a paged cache"):
 
 Semantics are those of `reference.paged_attention_reference`: `flash_attention` for the last
 query position. The Triton launch is registered as torch custom ops so a decode step runs
-under `torch.compile` and CUDA graphs: nothing on the GPU path reads tensor values on the host.
+under `torch.compile`; eager calls launch directly (the ops' dispatch is host time, twice per
+layer of every decode step that is not a replayed CUDA graph). Nothing on the GPU path reads
+tensor values on the host, so a step can be captured as a CUDA graph.
 
 Out-of-range values never make a kernel read or write outside its tensors. The kernels mask
 them (free on the GPU): keys past the block table's width, and positions whose table entry is
@@ -27,6 +29,7 @@ import torch
 
 from . import _paged_triton
 from ._checks import SUPPORTED_HEAD_DIMS, check_device, check_dtypes, check_sinks, window_reach
+from ._launch import custom_op_required
 
 __all__ = ["paged_attention", "write_to_pages"]
 
@@ -80,9 +83,12 @@ def paged_attention(
         alibi_slopes = alibi_slopes.to(torch.float32)
     if sink_logits is not None:
         sink_logits = sink_logits.to(torch.float32)
-    return torch.ops.hf_attn_patch.paged_attention(
-        q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, left, scale, sinks, sink_logits
-    )
+    if _through_custom_op(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, sink_logits):
+        return torch.ops.hf_attn_patch.paged_attention(
+            q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, left, scale, sinks, sink_logits
+        )
+    return _paged_triton.decode(q, k_pages, v_pages, block_table, seq_lens, alibi_slopes, left, scale,
+                                sinks=sinks, sink_logits=sink_logits)
 
 
 def write_to_pages(
@@ -105,7 +111,19 @@ def write_to_pages(
     check_write_inputs(key, value, k_pages, v_pages, slot_mapping)
     if _should_validate(validate, slot_mapping):
         check_slot_values(k_pages, slot_mapping)
-    torch.ops.hf_attn_patch.write_to_pages(key, value, k_pages, v_pages, slot_mapping)
+    if _through_custom_op(key, value, k_pages, v_pages, slot_mapping):
+        torch.ops.hf_attn_patch.write_to_pages(key, value, k_pages, v_pages, slot_mapping)
+    else:
+        _paged_triton.write(key, value, k_pages, v_pages, slot_mapping)
+
+
+def _through_custom_op(*tensors: torch.Tensor | None) -> bool:
+    """The ops under torch.compile and for tensor subclasses; and for inputs that want gradients
+    (the ops define none: through them autograd warns at backward, a direct launch would give a
+    result that silently has no gradient)."""
+    if custom_op_required(*tensors):
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # --- input checks -------------------------------------------------------------------------------
