@@ -221,7 +221,12 @@ def test_compiled_decode_step_goes_through_the_custom_ops(device, monkeypatch):
     expected = decode_step(*eager_inputs)
     choices = []
     through_custom_op = paged._through_custom_op
-    monkeypatch.setattr(paged, "_through_custom_op", lambda *t: choices.append(through_custom_op(*t)) or choices[-1])
+
+    def recording(*tensors):
+        choices.append(through_custom_op(*tensors))
+        return choices[-1]
+
+    monkeypatch.setattr(paged, "_through_custom_op", recording)
     torch._dynamo.reset()
     compiled = torch.compile(decode_step, backend="aot_eager", fullgraph=True)
     out = compiled(*compiled_inputs)
