@@ -25,7 +25,8 @@ import triton
 
 from ._checks import interpreter_enabled
 
-__all__ = ["launch", "fast_launch_stats", "tritons_own_launch", "cdiv", "next_power_of_2", "custom_op_required"]
+__all__ = ["launch", "fast_launch_stats", "tritons_own_launch", "cdiv", "next_power_of_2", "route", "CUSTOM_OP",
+           "AUTOGRAD", "PLAIN"]
 
 _COMPILED: dict[tuple, object] = {}
 _STATS = {"fast": 0, "slow": 0}
@@ -149,14 +150,27 @@ def _specialisations(args: tuple) -> tuple:
     return tuple(key)
 
 
-def custom_op_required(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call must reach the kernels through our torch custom ops: while torch.compile
-    traces, and for tensor subclasses (fake tensors, DTensor). Plain eager tensors skip the ops'
-    dispatch, which is host time on every call (~45 us a call on the H100 machine's host, more
-    with autograd: docs/patching.md)."""
+CUSTOM_OP, AUTOGRAD, PLAIN = "custom op", "autograd", "plain"
+
+
+def route(*tensors: torch.Tensor | None) -> str:
+    """How a call reaches the kernels. CUSTOM_OP while torch.compile traces and for tensor
+    subclasses (fake tensors, DTensor): they need our torch custom ops. Otherwise AUTOGRAD when
+    an input wants gradients, else PLAIN: eager calls skip the ops' dispatch, which is host time
+    on every call (~45 us on the H100 machine's host, more with autograd: docs/patching.md). One
+    loop: this runs in every attention call of a host-bound decode step."""
     if torch.compiler.is_compiling():
-        return True
-    return any(t is not None and type(t) is not torch.Tensor for t in tensors)
+        return CUSTOM_OP
+    grad_enabled = torch.is_grad_enabled()
+    found = PLAIN
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor:
+            return CUSTOM_OP
+        if grad_enabled and t.requires_grad:
+            found = AUTOGRAD
+    return found
 
 
 def cdiv(a: int, b: int) -> int:

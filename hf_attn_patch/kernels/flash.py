@@ -3,7 +3,7 @@
 Semantics are those of `reference.attention_reference` (see DESIGN.md). This module checks the
 inputs, turns the options into the kernel's two window bounds, and registers the Triton launch
 as torch custom ops (forward and backward) so that a patched model runs under `torch.compile`
-without graph breaks; eager calls skip the ops' dispatch (see `_path`). The kernels themselves
+without graph breaks; eager calls skip the ops' dispatch (see `_launch.route`). The kernels themselves
 live in `_flash_triton.py`.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from . import _flash_triton
 from ._checks import check_attention_inputs, check_sinks, window_reach
-from ._launch import custom_op_required
+from ._launch import AUTOGRAD, CUSTOM_OP, route
 
 __all__ = ["flash_attention"]
 
@@ -66,29 +66,18 @@ def flash_attention(
     if sink_logits is not None:
         sink_logits = sink_logits.to(torch.float32).contiguous()  # the kernel reads it at stride 1
     inputs = (q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids, sinks, sink_logits)
-    path = _path(q, k, v, sink_logits)
-    if path is _CUSTOM_OP:
+    # Compiled code and tensor subclasses take the custom ops; eager training runs the same
+    # forward and backward through a plain autograd.Function (the ops cost 100-200 us more host
+    # time per forward + backward on a CPU host, enough to make a short call host-bound:
+    # docs/patching.md); eager inference launches the kernel directly.
+    path = route(q, k, v, sink_logits)
+    if path is CUSTOM_OP:
         out, _ = torch.ops.hf_attn_patch.flash_attention_forward(*inputs)
-    elif path is _EAGER_AUTOGRAD:
+    elif path is AUTOGRAD:
         out = _EagerFlashAttention.apply(*inputs)
     else:
         out, _ = _flash_triton.forward(*inputs)
     return out
-
-
-_CUSTOM_OP, _EAGER_AUTOGRAD, _DIRECT = "custom op", "eager autograd", "direct"
-
-
-def _path(*tensors: torch.Tensor | None) -> str:
-    """How a call reaches the kernels: the custom ops where `custom_op_required`; otherwise eager
-    training runs the same forward and backward through a plain autograd.Function (the ops cost
-    ~190 us more host time per forward + backward on a CPU host, enough to make a short call
-    host-bound: docs/patching.md), and eager inference launches the kernel directly."""
-    if custom_op_required(*tensors):
-        return _CUSTOM_OP
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _EAGER_AUTOGRAD
-    return _DIRECT
 
 
 # --- torch custom ops ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from . import _paged_triton
 from ._checks import SUPPORTED_HEAD_DIMS, check_device, check_dtypes, check_sinks, window_reach
-from ._launch import custom_op_required
+from ._launch import PLAIN, route
 
 __all__ = ["paged_attention", "write_to_pages"]
 
@@ -121,9 +121,7 @@ def _through_custom_op(*tensors: torch.Tensor | None) -> bool:
     """The ops under torch.compile and for tensor subclasses; and for inputs that want gradients
     (the ops define none: through them autograd warns at backward, a direct launch would give a
     result that silently has no gradient)."""
-    if custom_op_required(*tensors):
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return route(*tensors) is not PLAIN
 
 
 # --- input checks -------------------------------------------------------------------------------

@@ -15,6 +15,6 @@ def t(n=3000):
     for _ in range(n): step()
     return (time.perf_counter() - s) / n * 1e6
 eager = t()
-flash._path = lambda *tensors: flash._CUSTOM_OP
+flash.route = lambda *tensors: flash.CUSTOM_OP
 ops = t()
 print(f"fwd+bwd host time: custom ops {ops:.1f} us, eager autograd.Function {eager:.1f} us")
