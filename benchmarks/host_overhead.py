@@ -6,8 +6,9 @@ token. This times, per call, without synchronising (the GPU lags behind; only th
 measured): the Triton launch (`_flash_triton.forward`), the torch custom op around it (what
 torch.compile goes through), `flash_attention` (checks included), and a floor of two tensor
 allocations; then one forward + backward with gradients, through the eager autograd.Function
-and through the custom ops; then a cProfile of the launch, and of whole decode steps of
-generate.py's Llama-1B shape (sdpa and patched).
+and through the custom ops; Triton's C launcher alone, given tensors and given addresses; one
+layer's paged decode calls, direct and through Triton's own launch; then a cProfile of the
+launch, and of whole decode steps of generate.py's Llama-1B shape (sdpa and patched).
 
     python benchmarks/host_overhead.py            # CUDA GPU
 """
@@ -55,6 +56,8 @@ def main() -> None:
     with torch.no_grad():
         for name, fn in rows.items():
             print(f"{per_call_us(fn):8.1f} us  {name}")
+        launcher_rows(args)
+        paged_rows(q, k)
     training_rows(q, k, v)
     with torch.no_grad():
         profiler = cProfile.Profile()
@@ -66,6 +69,64 @@ def main() -> None:
     print("\ncProfile of 500 launches (by own time):")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     decode_step_profiles()
+
+
+def launcher_rows(args) -> None:
+    """Triton's C launcher alone, for the forward kernel, given the tensors (it calls data_ptr()
+    back and asks the driver about each pointer) and given their addresses (what `launch` passes)."""
+    from hf_attn_patch.kernels import _launch
+
+    seen = []
+    real_launch = _launch.launch
+
+    def record(fn, grid, launch_args, constexprs):
+        seen.append((fn, grid, launch_args, constexprs))
+        real_launch(fn, grid, launch_args, constexprs)
+
+    _flash_triton.launch = record
+    try:
+        _flash_triton.forward(*args)
+    finally:
+        _flash_triton.launch = real_launch
+    fn, grid, launch_args, constexprs = seen[-1]
+    known = _launch._COMPILED.get((fn, torch.cuda.current_device(), tuple(constexprs.items()),
+                                   _launch._specialisations(launch_args)))
+    if known is None or known[2] is None:
+        print("    (C launcher rows skipped: no direct launcher for this Triton)")
+        return
+    _, constexpr_params, (run, function, packed_metadata) = known
+    grid = tuple(grid(constexprs)) + (1,)
+    stream = torch.cuda.current_stream().cuda_stream
+    addresses = _launch._specialise(launch_args)[1]
+    for label, values in (("tensors", launch_args), ("addresses", addresses)):
+        call = lambda values=values: run(*grid, stream, function, packed_metadata, None, None, None,  # noqa: E731
+                                        *values, *constexpr_params)
+        print(f"{per_call_us(call, 300):8.1f} us  C launcher alone, given {label}")  # 300: under the launch queue's depth
+    print(f"{per_call_us(lambda: _launch._specialise(launch_args)):8.1f} us  _launch._specialise "
+          f"({len(launch_args)} arguments)")
+
+
+def paged_rows(q, k) -> None:
+    """One layer's paged decode calls (write_to_pages + paged_attention, B=1, 2048 keys in
+    16-token blocks): direct launches vs Triton's own `JITFunction.run`."""
+    from hf_attn_patch.kernels import _launch, paged_attention, write_to_pages
+
+    heads_kv, dim = k.shape[1], k.shape[-1]
+    blocks = 136
+    k_pages = torch.randn(blocks, 16, heads_kv, dim, device=q.device, dtype=q.dtype)
+    v_pages = torch.randn_like(k_pages)
+    block_table = torch.arange(blocks, dtype=torch.int32, device=q.device)[None]
+    seq_lens = torch.tensor([2049], dtype=torch.int32, device=q.device)
+    slots = torch.tensor([[2048]], device=q.device)
+    new_k = torch.randn(1, heads_kv, 1, dim, device=q.device, dtype=q.dtype)
+
+    def layer():
+        write_to_pages(new_k, new_k, k_pages, v_pages, slots)
+        paged_attention(q[:, :, 0], k_pages, v_pages, block_table, seq_lens)
+
+    print(f"{per_call_us(layer):8.1f} us  paged layer (write_to_pages + paged_attention), direct launches")
+    with _launch.tritons_own_launch():
+        print(f"{per_call_us(layer):8.1f} us  paged layer, Triton's own launch")
 
 
 def training_rows(q, k, v) -> None:

@@ -96,7 +96,8 @@ def test_repeat_launches_skip_tritons_run(monkeypatch):
     for _ in range(3):
         _launch.launch(kernel, grid, (x, 32), {"BLOCK": 2, "num_warps": 4})
     assert Kernel.runs == 1 and len(direct) == 2
-    assert direct[0] == ((2, 1, 1), (x, 32, 2))  # every parameter in signature order, no options
+    # every parameter in signature order, no options; the tensor as its address
+    assert direct[0] == ((2, 1, 1), (x.data_ptr(), 32, 2))
     _launch.launch(kernel, grid, (x, 1), {"BLOCK": 2, "num_warps": 4})  # n == 1: Triton specialises
     assert Kernel.runs == 2
 
@@ -130,7 +131,9 @@ def test_repeat_launches_call_the_c_launcher_without_hooks(monkeypatch):
     kernel, x = Kernel(), torch.zeros(64)
     for _ in range(2):
         _launch.launch(kernel, (5, 2), (x, 32), {"BLOCK": 2, "num_warps": 4})
-    assert launched == [(5, 2, 1, 1003, 77, (4, 1, 0), None, None, None, x, 32, 2)]
+    # The tensor goes as its address: the launcher would call data_ptr() back and ask the
+    # driver about it (cuPointerGetAttribute) on every launch.
+    assert launched == [(5, 2, 1, 1003, 77, (4, 1, 0), None, None, None, x.data_ptr(), 32, 2)]
 
 
 @pytest.mark.skipif(not _launch._INTERPRETED, reason="seeds the first launch in Triton's interpreter (CPU)")

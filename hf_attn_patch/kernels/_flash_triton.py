@@ -117,10 +117,9 @@ def row_delta(out, grad_out):
     batch, heads, length, head_dim = out.shape
     delta = torch.empty((batch, heads, length), device=out.device, dtype=torch.float32)
     with _on_device(out):
-        _bwd_delta_kernel[(cdiv(length, 64), batch * heads)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), length, heads,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=64,
-        )
+        launch(_bwd_delta_kernel, (cdiv(length, 64), batch * heads),
+               (out, grad_out, delta, *out.stride(), *grad_out.stride(), length, heads),
+               dict(HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_M=64))
     return delta
 
 
@@ -182,9 +181,8 @@ def _padding_bounds(key_padding_mask):
     batch, k_len = key_padding_mask.shape
     bounds = torch.empty((batch, 2), device=key_padding_mask.device, dtype=torch.int32)
     with _on_device(key_padding_mask):
-        _padding_bounds_kernel[(batch,)](
-            key_padding_mask, bounds, *key_padding_mask.stride(), k_len, BLOCK=1024
-        )
+        launch(_padding_bounds_kernel, (batch,), (key_padding_mask, bounds, *key_padding_mask.stride(), k_len),
+               dict(BLOCK=1024))
     return bounds
 
 
@@ -198,7 +196,7 @@ def document_bounds(doc_ids):
     batch, length = doc_ids.shape
     docs = torch.empty((batch, length, 2), device=doc_ids.device, dtype=torch.int32)
     with _on_device(doc_ids):
-        _document_bounds_kernel[(batch,)](doc_ids, docs, *doc_ids.stride(), length, BLOCK=1024)
+        launch(_document_bounds_kernel, (batch,), (doc_ids, docs, *doc_ids.stride(), length), dict(BLOCK=1024))
     return docs
 
 

@@ -14,6 +14,12 @@ own rules for what it specialises on (an integer equal to 1, divisible by 16, it
 tensor's dtype and 16-byte alignment), so a call that Triton would compile differently never
 reuses the wrong binary: it misses the cache and goes through `JITFunction.run`, which compiles
 it. Launch hooks (profilers) and the interpreter always take Triton's own path.
+
+Tensors reach the C launcher as their raw addresses: given a tensor, it calls `data_ptr()` back
+in Python and asks the driver whether the address is a device pointer
+(`cuPointerGetAttribute`), once per tensor argument on every launch; given an integer it takes
+it as is. The addresses are read in the same pass that computes the specialisation, and our
+callers have checked the devices before.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ def launch(fn, grid, args: tuple, constexprs: dict) -> None:
         return
     # A compiled kernel is loaded on one device: the device is part of the key.
     device = torch.cuda.current_device()
-    key = (fn, device, tuple(constexprs.items()), _specialisations(args))
+    specialisation, addressed_args = _specialise(args)
+    key = (fn, device, tuple(constexprs.items()), specialisation)
     known = _COMPILED.get(key)
     if known is None:
         _STATS["slow"] += 1
@@ -62,12 +69,12 @@ def launch(fn, grid, args: tuple, constexprs: dict) -> None:
     grid = tuple(grid) + (1,) * (3 - len(grid))
     try:
         if c_launcher is None:
-            compiled[grid](*args, *constexpr_params)
+            compiled[grid](*addressed_args, *constexpr_params)
         else:
             run, function, packed_metadata = c_launcher
             # After the grid, stream and function: launch metadata and the enter/exit hooks, none.
             run(grid[0], grid[1], grid[2], _current_stream(device), function, packed_metadata, None, None, None,
-                *args, *constexpr_params)
+                *addressed_args, *constexpr_params)
     except TypeError as error:  # a Triton whose CompiledKernel or launcher is called differently
         _disable(f"{type(error).__name__}: {error}")
         fn[grid](*args, **constexprs)
@@ -120,34 +127,52 @@ def _disable(reason: str) -> None:
     _disabled_reason = reason
 
 
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _hooks_set() -> bool:
     """A profiler's launch hooks need Triton's own path (3.6 keeps them as chains, empty by default)."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if runtime is None:
+    if _RUNTIME_KNOBS is None:
         return False
     return any(hook is not None and bool(getattr(hook, "calls", True))
-               for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+               for hook in (_RUNTIME_KNOBS.launch_enter_hook, _RUNTIME_KNOBS.launch_exit_hook))
 
 
-def _specialisations(args: tuple) -> tuple:
-    """What Triton compiles a separate binary for, per runtime argument: an int's being 1, its
-    divisibility by 16, width and sign; a tensor's dtype and 16-byte alignment; a bool's or
-    None's value; a float's type; anything else, its value. One loop with no calls in it: this
-    runs for ~40 arguments on every launch of a host-bound decode step."""
-    key = []
+_INT32_END = 2147483648
+
+
+def _specialise(args: tuple) -> tuple[tuple, list]:
+    """(what Triton compiles a separate binary for, the arguments with each tensor replaced by
+    its address), in one pass. Specialised on, per argument: an int's being 1, its divisibility
+    by 16, width and sign; a tensor's dtype and 16-byte alignment; a bool's or None's value; a
+    float's type; anything else, its value. No calls but `data_ptr` in the loop: this runs for
+    ~40 arguments on every launch of a host-bound decode step."""
+    key, addressed = [], []
     for arg in args:
         kind = type(arg)
         if kind is int:
-            key.append((arg == 1, arg % 16 == 0, -2147483648 <= arg < 2147483648, arg >= 0))
-        elif arg is None or kind is bool:
-            key.append((kind, arg))
+            # Most are strides and lengths in [0, 2**31): a small int names the class there.
+            if 0 <= arg < _INT32_END:
+                key.append(1 if arg == 1 else 16 if arg % 16 == 0 else 0)
+            else:
+                key.append((arg % 16 == 0, -_INT32_END <= arg < _INT32_END, arg >= 0, arg < 2**63))
+            addressed.append(arg)
         elif kind is torch.Tensor or isinstance(arg, torch.Tensor):
-            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+            address = arg.data_ptr()
+            key.append((arg.dtype, address % 16 == 0))
+            addressed.append(address)
         elif kind is float:
-            key.append((kind, None))
-        else:
+            key.append(kind)
+            addressed.append(arg)
+        else:  # None, bools, anything else: by value
             key.append((kind, arg))
-    return tuple(key)
+            addressed.append(arg)
+    return tuple(key), addressed
+
+
+def _specialisations(args: tuple) -> tuple:
+    """The specialisation part of `_specialise` (tests compare it with Triton's rules)."""
+    return _specialise(args)[0]
 
 
 CUSTOM_OP, AUTOGRAD, PLAIN = "custom op", "autograd", "plain"

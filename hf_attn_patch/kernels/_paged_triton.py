@@ -44,6 +44,7 @@ import triton.language as tl
 
 from ._checks import interpreter_enabled
 from ._launch import cdiv, next_power_of_2
+from ._launch import launch as direct_launch  # `launch` names the LaunchConfig below
 
 LOG2E = 1.4426950408889634
 
@@ -101,8 +102,8 @@ def decode(
         HAS_SINKS=sinks > 0 and window_left >= 0,
         HAS_SINK_LOGITS=sink_logits is not None,
     )
-    slopes = alibi_slopes if alibi_slopes is not None else q.new_empty(0, dtype=torch.float32)
-    sink_values = sink_logits if sink_logits is not None else q.new_empty(0, dtype=torch.float32)
+    slopes = alibi_slopes if alibi_slopes is not None else _placeholder(q.device)
+    sink_values = sink_logits if sink_logits is not None else _placeholder(q.device)
     if single:
         part_max = part_sum = part_out = out  # unused when SINGLE_PARTITION
     else:
@@ -110,29 +111,24 @@ def decode(
         part_sum = torch.empty_like(part_max)
         part_out = q.new_empty((batch, q_heads, num_partitions, head_dim), dtype=torch.float32)
 
-    _decode_partition_kernel[(batch * kv_heads, num_partitions)](
-        q, k_pages, v_pages, block_table, seq_lens, slopes, sink_values,
-        out, part_max, part_sum, part_out,
-        *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
-        *out.stride(),
-        kv_heads, num_partitions, partition_size, window_left, sinks, scale * LOG2E,
-        context_bound, k_pages.shape[0],
-        SINGLE_PARTITION=single,
-        num_warps=launch.num_warps,
-        num_stages=launch.num_stages,
-        **meta,
+    direct_launch(
+        _decode_partition_kernel, (batch * kv_heads, num_partitions),
+        (q, k_pages, v_pages, block_table, seq_lens, slopes, sink_values,
+         out, part_max, part_sum, part_out,
+         *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
+         *out.stride(),
+         kv_heads, num_partitions, partition_size, window_left, sinks, scale * LOG2E,
+         context_bound, k_pages.shape[0]),
+        dict(SINGLE_PARTITION=single, num_warps=launch.num_warps, num_stages=launch.num_stages, **meta),
     )
     if not single:
-        _merge_partitions_kernel[(batch * q_heads,)](
-            part_max, part_sum, part_out, seq_lens, sink_values, out,
-            *out.stride(),
-            q_heads, num_partitions, partition_size, window_left, sinks, context_bound,
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=meta["HEAD_DIM_PAD"],
-            BLOCK_P=min(32, next_power_of_2(num_partitions)),
-            HAS_SINKS=meta["HAS_SINKS"],
-            HAS_SINK_LOGITS=meta["HAS_SINK_LOGITS"],
-            num_warps=4,
+        direct_launch(
+            _merge_partitions_kernel, (batch * q_heads,),
+            (part_max, part_sum, part_out, seq_lens, sink_values, out,
+             *out.stride(),
+             q_heads, num_partitions, partition_size, window_left, sinks, context_bound),
+            dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=meta["HEAD_DIM_PAD"], BLOCK_P=min(32, next_power_of_2(num_partitions)),
+                 HAS_SINKS=meta["HAS_SINKS"], HAS_SINK_LOGITS=meta["HAS_SINK_LOGITS"], num_warps=4),
         )
     return out
 
@@ -150,6 +146,18 @@ def default_launch(head_dim: int) -> LaunchConfig:
     if head_dim > 128:
         return LaunchConfig(block_n=32, num_warps=8, num_stages=2)
     return LaunchConfig(block_n=64, num_warps=4, num_stages=2)
+
+
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """An empty float32 tensor for a pointer argument the kernel does not read (its HAS_ flag
+    is off): one per device, not two allocations in every decode call."""
+    empty = _PLACEHOLDERS.get(device)
+    if empty is None:
+        empty = _PLACEHOLDERS[device] = torch.empty(0, dtype=torch.float32, device=device)
+    return empty
 
 
 def empty_output(q: torch.Tensor) -> torch.Tensor:
@@ -171,16 +179,14 @@ def write(
     head_dim_pad = next_power_of_2(head_dim)
     heads_per_program = min(next_power_of_2(kv_heads), max(1, 4096 // head_dim_pad))
     grid = (batch * tokens, cdiv(kv_heads, heads_per_program))
-    _write_slots_kernel[grid](
-        key, value, k_pages, v_pages, slot_mapping,
-        *key.stride(), *value.stride(), *k_pages.stride(), *v_pages.stride(),
-        *slot_mapping.stride(),
-        tokens, kv_heads, k_pages.shape[0] * k_pages.shape[1],
-        BLOCK_SIZE=k_pages.shape[1],
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=head_dim_pad,
-        HEADS=heads_per_program,
-        num_warps=4,
+    direct_launch(
+        _write_slots_kernel, grid,
+        (key, value, k_pages, v_pages, slot_mapping,
+         *key.stride(), *value.stride(), *k_pages.stride(), *v_pages.stride(),
+         *slot_mapping.stride(),
+         tokens, kv_heads, k_pages.shape[0] * k_pages.shape[1]),
+        dict(BLOCK_SIZE=k_pages.shape[1], HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HEADS=heads_per_program,
+             num_warps=4),
     )
 
 
