@@ -280,7 +280,7 @@ def test_gpu_repeat_decode_calls_launch_directly(device):
         seq_lens -= 1  # within the blocks the table holds
         slots = new_token_slots(block_table, seq_lens, k_pages.shape[1])
         out = decode_step(q, key, value, k_pages, v_pages, block_table, seq_lens, slots)
-        expected = paged_attention_reference(q, k_pages, v_pages, block_table, seq_lens)
+        expected = paged_attention_reference(q, k_pages, v_pages, block_table, seq_lens, window=20)
         assert relative_error(out, expected) < 1e-2, step
     after = _launch.fast_launch_stats()
     assert after["disabled"] is None
