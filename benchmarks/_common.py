@@ -43,16 +43,21 @@ __all__ = [
 # --- timing -------------------------------------------------------------------------------------
 
 
-def do_bench_median(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+def do_bench_median(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100,
+                    cuda_graph: bool = False) -> float:
     """Median time of one call of `fn`, in milliseconds.
 
-    On CUDA this is `triton.testing.do_bench` (CUDA events, L2 flushed between calls). On a CPU
+    On CUDA this is `triton.testing.do_bench` (CUDA events, L2 flushed between calls), or with
+    `cuda_graph` `triton.testing.do_bench_cudagraph`: the calls captured in a CUDA graph and
+    replayed, so the host's launch time is not in the figure (nor is an L2 flush). On a CPU
     (smoke runs only) a wall-clock loop stands in for it, so the same script runs anywhere; CPU
     numbers are real but say nothing about GPU performance.
     """
     if torch.cuda.is_available():
         import triton.testing
 
+        if cuda_graph:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
         return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     return _wall_clock_median(fn, warmup_ms, rep_ms)
 

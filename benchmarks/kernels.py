@@ -11,6 +11,11 @@ table and the issue-2 targets, and draws the plots (`plot.py`).
     python benchmarks/kernels.py --d 128         # D = 128 only: 265 s on the H100, 2026-11-23
     python benchmarks/kernels.py --quick         # one small shape per mode
     python benchmarks/kernels.py --dry-run       # CPU, tiny shapes: checks the harness only
+    python benchmarks/kernels.py --cuda-graphs   # every provider timed as CUDA-graph replays
+
+By default each call is timed as a Python call, host launch time included: a short call (N = 1k)
+can be bound by it. `--cuda-graphs` times the same calls captured in a CUDA graph, for every
+provider alike, so the rows compare the kernels alone (rows say which: `timing`).
 
 FLOPs: a forward is 4 * B * H * pairs * D, pairs = the (query, key) pairs that are visible:
 N^2, N^2 / 2 when causal (the usual convention), and exactly sum_p min(p + 1, W) for a window.
@@ -107,6 +112,7 @@ class Settings:
     warmup_ms: float
     rep_ms: float
     started: float  # perf_counter at the start, for progress lines
+    cuda_graphs: bool = False  # time CUDA-graph replays (no host launch time)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from(args)
     env = environment()
     console.print(f"[bold]{env['device']}[/]  torch {env['torch']}  triton {env['triton']}")
+    if settings.cuda_graphs:
+        console.print("timing: every call replayed from a CUDA graph (no host launch time, no L2 flush)")
 
     # Rows are written as they come, so a crash late in the run keeps what was measured.
     ceilings = measure_ceilings(settings.device, settings.warmup_ms, settings.rep_ms)
@@ -158,6 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS_DIR})")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time every provider's calls replayed from a CUDA graph: kernel time without the host's")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="kernels-dry-run-")) if args.dry_run else RESULTS_DIR
@@ -195,6 +205,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         warmup_ms=warmup_ms,
         rep_ms=rep_ms,
         started=time.perf_counter(),
+        cuda_graphs=args.cuda_graphs and not args.dry_run,
     )
 
 
@@ -247,7 +258,7 @@ def random_inputs(shape: Shape, device: torch.device):
 def bench_provider(provider, shape: Shape, case: Case, tensors, expected, settings: Settings) -> list[dict]:
     """Check one provider against the reference once, then time it; errors become rows."""
     q, k, v, grad_out = tensors
-    base = row_base(provider.name, shape, case)
+    base = dict(row_base(provider.name, shape, case), timing="cuda-graph" if settings.cuda_graphs else "eager")
     passes = ["fwd", "fwd+bwd", "bwd"] if settings.backward else ["fwd"]
     error = None
     with warnings.catch_warnings(record=True) as caught:
@@ -283,13 +294,15 @@ def failure(exc: Exception, caught: list) -> str:
 
 def time_passes(attention: Callable, tensors, settings: Settings) -> dict[str, float]:
     q, k, v, grad_out = tensors
-    times = {"fwd": do_bench_median(lambda: attention(q, k, v), settings.warmup_ms, settings.rep_ms)}
+    times = {"fwd": do_bench_median(lambda: attention(q, k, v), settings.warmup_ms, settings.rep_ms,
+                                    cuda_graph=settings.cuda_graphs)}
     if settings.backward:
         # autograd.grad returns the gradients instead of accumulating them into .grad
         times["fwd+bwd"] = do_bench_median(
             lambda: torch.autograd.grad(attention(q, k, v), (q, k, v), grad_out),
             settings.warmup_ms,
             settings.rep_ms,
+            cuda_graph=settings.cuda_graphs,
         )
         times["bwd"] = times["fwd+bwd"] - times["fwd"]
     return times
