@@ -146,7 +146,7 @@ def marker(label: str) -> None:
 
 def build(case: str, provider: str, n: int, device: str = "cuda"):
     """(context, attention) of `provider` for `case`, built by the benchmarks that time them
-    (packed.py for documents, kernels.py otherwise); None where the provider has no such case."""
+    (packed.py for documents, kernel_speed.py otherwise); None where the provider has no such case."""
     import contextlib
 
     import torch
@@ -161,7 +161,7 @@ def build(case: str, provider: str, n: int, device: str = "cuda"):
         return contextlib.nullcontext, attention
     if provider not in ("ours", "sdpa-cudnn"):
         return None
-    from kernels import Case, Shape, make_provider
+    from kernel_speed import Case, Shape, make_provider
 
     peer = make_provider(provider, Shape(B=1, H=HEADS, Hkv=HEADS, N=n, D=HEAD_DIM), torch.device(device))
     return peer.context, peer.build(Case(case))

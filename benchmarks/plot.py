@@ -1,11 +1,11 @@
-"""Draw the plots of a kernel benchmark results file (written by `kernels.py`).
+"""Draw the plots of a kernel benchmark results file (written by `kernel_speed.py`).
 
     python benchmarks/plot.py benchmarks/results/kernels-2026-11-22-nvidia-h100-80gb-hbm3.json
 
 One PNG per (head dim, query heads / KV heads), next to the JSON unless --out says otherwise:
 a grid of panels, one per mode (rows) and pass (columns), TFLOP/s against N with a line per
 provider. A results file accumulates runs; each point is the newest measurement of its row, so
-runs split by head dim or mode (`kernels.py --d 64`, then `--d 128`) draw together.
+runs split by head dim or mode (`kernel_speed.py --d 64`, then `--d 128`) draw together.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ backward (the difference of the two) in ms and TFLOP/s, together with the machin
 (bf16 matmul, device copy), appends the rows to `<out>/kernels-<date>-<device>.json`, prints a
 table and the issue-2 targets, and draws the plots (`plot.py`).
 
-    python benchmarks/kernels.py                 # the full run (~7 min on an H100, cold caches)
-    python benchmarks/kernels.py --d 128         # D = 128 only: 265 s on the H100, 2026-11-23
-    python benchmarks/kernels.py --quick         # one small shape per mode
-    python benchmarks/kernels.py --dry-run       # CPU, tiny shapes: checks the harness only
-    python benchmarks/kernels.py --cuda-graphs   # every provider timed as CUDA-graph replays
+    python benchmarks/kernel_speed.py                 # the full run (~7 min on an H100, cold caches)
+    python benchmarks/kernel_speed.py --d 128         # D = 128 only: 265 s on the H100, 2026-11-23
+    python benchmarks/kernel_speed.py --quick         # one small shape per mode
+    python benchmarks/kernel_speed.py --dry-run       # CPU, tiny shapes: checks the harness only
+    python benchmarks/kernel_speed.py --cuda-graphs   # every provider timed as CUDA-graph replays
 
 By default each call is timed as a Python call, host launch time included: a short call (N = 1k)
 can be bound by it. `--cuda-graphs` times the same calls captured in a CUDA graph, for every
