@@ -92,15 +92,14 @@ def launcher_rows(args) -> None:
     finally:
         _flash_triton.launch = real_launch
     fn, grid, launch_args, constexprs = seen[-1]
-    known = _launch._COMPILED.get((fn, torch.cuda.current_device(), tuple(constexprs.items()),
-                                   _launch._specialisations(launch_args)))
+    specialisation, addresses = _launch._specialise(launch_args)
+    known = _launch._COMPILED.get(_launch._cache_key(fn, torch.cuda.current_device(), constexprs, specialisation))
     if known is None or known[2] is None:
         print("    (C launcher rows skipped: no direct launcher for this Triton)")
         return
     _, constexpr_params, (run, function, packed_metadata) = known
     grid = tuple(grid(constexprs)) + (1,)
     stream = torch.cuda.current_stream().cuda_stream
-    addresses = _launch._specialise(launch_args)[1]
     for label, values in (("tensors", launch_args), ("addresses", addresses)):
         call = lambda values=values: run(*grid, stream, function, packed_metadata, None, None, None,  # noqa: E731
                                         *values, *constexpr_params)

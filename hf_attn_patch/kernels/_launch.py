@@ -55,7 +55,7 @@ def launch(fn, grid, args: tuple, constexprs: dict) -> None:
     # A compiled kernel is loaded on one device: the device is part of the key.
     device = torch.cuda.current_device()
     specialisation, addressed_args = _specialise(args)
-    key = (fn, device, tuple(constexprs.items()), specialisation)
+    key = _cache_key(fn, device, constexprs, specialisation)
     known = _COMPILED.get(key)
     if known is None:
         _STATS["slow"] += 1
@@ -170,9 +170,9 @@ def _specialise(args: tuple) -> tuple[tuple, list]:
     return tuple(key), addressed
 
 
-def _specialisations(args: tuple) -> tuple:
-    """The specialisation part of `_specialise` (tests compare it with Triton's rules)."""
-    return _specialise(args)[0]
+def _cache_key(fn, device: int, constexprs: dict, specialisation: tuple) -> tuple:
+    """Which compiled kernel serves a call: kernel, device, compile-time arguments, specialisation."""
+    return (fn, device, tuple(constexprs.items()), specialisation)
 
 
 CUSTOM_OP, AUTOGRAD, PLAIN = "custom op", "autograd", "plain"
