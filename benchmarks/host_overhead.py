@@ -5,10 +5,11 @@ decode-step profile), so every microsecond of Python per attention call counts 1
 token. This times, per call, without synchronising (the GPU lags behind; only the host cost is
 measured): the Triton launch (`_flash_triton.forward`), the torch custom op around it (what
 torch.compile goes through), `flash_attention` (checks included), and a floor of two tensor
-allocations; then one forward + backward with gradients, through the eager autograd.Function
-and through the custom ops; Triton's C launcher alone, given tensors and given addresses; one
-layer's paged decode calls, direct and through Triton's own launch; then a cProfile of the
-launch, and of whole decode steps of generate.py's Llama-1B shape (sdpa and patched).
+allocations; a layer's whole attention call, stock (transformers' sdpa entry) and ours; then
+one forward + backward with gradients, through the eager autograd.Function and through the
+custom ops; Triton's C launcher alone, given tensors and given addresses; one layer's paged
+decode calls, direct and through Triton's own launch; then a cProfile of the launch, and of
+whole decode steps of generate.py's Llama-1B shape (sdpa and patched).
 
     python benchmarks/host_overhead.py            # CUDA GPU
 """
@@ -56,7 +57,7 @@ def main() -> None:
     with torch.no_grad():
         for name, fn in rows.items():
             print(f"{per_call_us(fn):8.1f} us  {name}")
-        for extra_rows in (lambda: launcher_rows(args), lambda: paged_rows(q, k)):
+        for extra_rows in (lambda: entry_rows(q, k, v), lambda: launcher_rows(args), lambda: paged_rows(q, k)):
             try:
                 extra_rows()
             except Exception as exc:  # keep the other rows of the run
@@ -72,6 +73,33 @@ def main() -> None:
     print("\ncProfile of 500 launches (by own time):")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     decode_step_profiles()
+
+
+def entry_rows(q, k, v) -> None:
+    """One layer's attention call as a patched and a stock model make it: transformers' sdpa
+    entry (what an unpatched Llama calls), our AttentionInterface entry, and torch's sdpa alone.
+    The gap between the first two is what a host-bound decode step pays per layer."""
+    from transformers import LlamaConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from hf_attn_patch.models._interface import attention_forward
+
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[-1]
+    config = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim)
+    with torch.device("meta"):  # the entries read the module's attributes, never its weights
+        module = LlamaAttention(config, layer_idx=0).eval()
+    scale = head_dim**-0.5
+    rows = {
+        "stock sdpa_attention_forward (an unpatched layer's call)":
+            lambda: sdpa_attention_forward(module, q, k, v, None, scaling=scale),
+        "ours attention_forward (a patched layer's call)": lambda: attention_forward(module, q, k, v, None, scaling=scale),
+        "torch sdpa alone (enable_gqa=True)":
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True),
+    }
+    for name, fn in rows.items():
+        print(f"{per_call_us(fn):8.1f} us  {name}")
 
 
 def launcher_rows(args) -> None:

@@ -43,9 +43,11 @@ LOG2E = 1.4426950408889634
 
 def empty_output(q: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) laid out as (B, N, H, D), so that `out.transpose(1, 2)` is contiguous:
-    transformers' attention functions return that transpose, and it then costs no copy."""
+    transformers' attention functions return that transpose, and it then costs no copy. One
+    strided allocation, not an allocation and a transposed view: this runs in every decode call."""
     batch, heads, length, head_dim = q.shape
-    return q.new_empty((batch, length, heads, head_dim)).transpose(1, 2)
+    return q.new_empty_strided((batch, heads, length, head_dim),
+                               (length * heads * head_dim, head_dim, heads * head_dim, 1))
 
 
 def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids=None, sinks=0,
@@ -61,6 +63,8 @@ def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
     def grid(meta):
         return (cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
 
+    static, switch_key = _switches(q, key_padding_mask, alibi_slopes, left, right, docs, sinks,
+                                   sink_logits=sink_logits is not None)
     with _on_device(q):
         _launch_tuned(
             _fwd_kernel, grid,
@@ -68,9 +72,7 @@ def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
              q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, left, right, sinks,
              _bucket(q_len), _bucket(k_len)),
-            {**_static_args(q, key_padding_mask, alibi_slopes, left, right, docs, sinks),
-             "HAS_SINK_LOGITS": sink_logits is not None},
-            _tuning_dtypes(q, key_padding_mask, alibi_slopes),
+            static, switch_key,
         )
     return out, lse
 
@@ -86,8 +88,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
     bounds = _padding_bounds(key_padding_mask)
     docs = document_bounds(doc_ids)
     mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
-    static = _static_args(q, key_padding_mask, alibi_slopes, left, right, docs, sinks)
-    dtypes = _tuning_dtypes(q, key_padding_mask, alibi_slopes)
+    static, switch_key = _switches(q, key_padding_mask, alibi_slopes, left, right, docs, sinks)
 
     with _on_device(q):
         _launch_tuned(
@@ -97,7 +98,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
              *mask_strides,
              q_len, k_len, q_heads, kv_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right, sinks,
              _bucket(q_len), _bucket(k_len)),
-            static, dtypes,
+            static, switch_key,
         )
         _launch_tuned(
             _bwd_dq_kernel, lambda meta: (cdiv(q_len, meta["BLOCK_M"]), batch * q_heads),
@@ -106,7 +107,7 @@ def backward(grad_out, q, k, v, out, lse, key_padding_mask, alibi_slopes, left, 
              *mask_strides,
              q_len, k_len, q_heads, q_heads // kv_heads, scale * LOG2E, scale, left, right, sinks,
              _bucket(q_len), _bucket(k_len)),
-            static, dtypes,
+            static, switch_key,
         )
     return dq, dk, dv
 
@@ -128,7 +129,7 @@ def row_delta(out, grad_out):
 _CHOSEN_CONFIGS: dict[tuple, dict] = {}
 
 
-def _launch_tuned(kernel, grid, args: tuple, static: dict, dtypes: tuple) -> None:
+def _launch_tuned(kernel, grid, args: tuple, static: dict, switch_key: tuple) -> None:
     """Launch an autotuned kernel; after its first launch for a tuning key, without the autotuner.
 
     Triton's `Autotuner.run` rebuilds dicts of all ~40 arguments on every call to find its
@@ -138,8 +139,8 @@ def _launch_tuned(kernel, grid, args: tuple, static: dict, dtypes: tuple) -> Non
     `_launch.launch` reuses the compiled kernel without Triton's own per-call bookkeeping.
     """
     # The autotuner's own key: Q_BUCKET and K_BUCKET (the last two arguments), the static
-    # switches, and the tensors' dtypes.
-    key = (kernel, args[-2], args[-1], *static.values(), *dtypes)
+    # switches and the tensors' dtypes (both in switch_key).
+    key = (kernel, args[-2], args[-1], switch_key)
     constexprs = _CHOSEN_CONFIGS.get(key)
     if constexprs is None:
         kernel[grid](*args, **static)
@@ -148,30 +149,41 @@ def _launch_tuned(kernel, grid, args: tuple, static: dict, dtypes: tuple) -> Non
         launch(kernel.fn, grid, args, constexprs)
 
 
-def _tuning_dtypes(q, key_padding_mask, alibi_slopes) -> tuple:
-    """The dtypes the autotuner keys on (k, v, outputs and gradients share q's dtype)."""
-    return (
-        q.dtype,
+def _switches(q, key_padding_mask, alibi_slopes, left, right, docs=None, sinks=0, *, sink_logits=None) -> tuple:
+    """(the compile-time switches, a key of them and of the dtypes the autotuner keys on) for a
+    call. Each combination of switches is its own specialised kernel. sink_logits: whether the
+    forward gets them (None for the backward kernels, which have no such switch). Built once per
+    combination: the dict and its key would otherwise be rebuilt in every decode call."""
+    return _switches_of(
+        q.shape[-1], q.dtype,
         None if key_padding_mask is None else key_padding_mask.dtype,
         None if alibi_slopes is None else alibi_slopes.dtype,
-    )
-
-
-def _static_args(q, key_padding_mask, alibi_slopes, left, right, docs=None, sinks=0) -> dict:
-    """Compile-time switches: each combination is its own specialised kernel."""
-    return dict(
-        HEAD_DIM=q.shape[-1],
-        BLOCK_D=max(16, next_power_of_2(q.shape[-1])),
-        HAS_LEFT=left >= 0,
-        HAS_RIGHT=right >= 0,
-        HAS_PADDING=key_padding_mask is not None,
-        HAS_ALIBI=alibi_slopes is not None,
-        HAS_DOCS=docs is not None,
+        left >= 0, right >= 0, docs is not None,
         # Without a left bound every key is visible already: sinks change nothing.
-        HAS_SINKS=sinks > 0 and left >= 0,
-        # float32 inputs get true float32 dot products, not tf32.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        sinks > 0 and left >= 0,
+        sink_logits,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _switches_of(head_dim, dtype, mask_dtype, alibi_dtype, has_left, has_right, has_docs, has_sinks,
+                 has_sink_logits) -> tuple:
+    static = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
+        HAS_LEFT=has_left,
+        HAS_RIGHT=has_right,
+        HAS_PADDING=mask_dtype is not None,
+        HAS_ALIBI=alibi_dtype is not None,
+        HAS_DOCS=has_docs,
+        HAS_SINKS=has_sinks,
+        # float32 inputs get true float32 dot products, not tf32.
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+    if has_sink_logits is not None:
+        static["HAS_SINK_LOGITS"] = has_sink_logits
+    # The dtypes the autotuner keys on (k, v, outputs and gradients share q's dtype).
+    return static, (*static.values(), dtype, mask_dtype, alibi_dtype)
 
 
 def _padding_bounds(key_padding_mask):
