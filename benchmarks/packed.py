@@ -13,7 +13,12 @@ against the documents run one by one. Block masks and the dense mask are built o
 timing. Training rows: real tokens per second of one optimizer-free training step (forward +
 backward) of a patched Llama on the same documents packed in one row (position_ids restarting)
 vs padded to the longest document (one per row, with an attention mask), and stock
-transformers on the packed row. Rows are appended to `<out>/packed-<date>-<device>.json`.
+transformers on the packed row. The training rows run twice: on the attention rows' random
+documents, and on quality_llama.py's data (`--training-data`): the standard-library files its
+pre-training and uptraining read (held-out files left out, same order), one document per file
+(NUL included), a file longer than the longest document cut into pieces of that length, as
+sequence windows cut it; the bytes are the tokens. Rows are appended to
+`<out>/packed-<date>-<device>.json`.
 """
 
 from __future__ import annotations
@@ -67,9 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = [dict(row, **env) for row in bench_attention(setup, lengths)]
     path = write_results(rows, args.out, "packed")
     if not args.no_training:
-        training = [dict(row, **env) for row in bench_training(setup, lengths)]
-        write_results(training, args.out, "packed")
-        rows += training
+        for data in args.training_data:
+            if data == "random":
+                documents, ids = lengths, None
+            else:
+                documents, ids = stdlib_documents(setup.tokens, setup.max_doc)
+                console.print(f"stdlib: {len(documents)} documents, {sum(documents)} tokens, "
+                              f"lengths {min(documents)}..{max(documents)}")
+            training = [dict(row, data=data, **env) for row in bench_training(setup, documents, ids)]
+            write_results(training, args.out, "packed")
+            rows += training
     print_report(rows)
     console.print(f"rows appended to {path}")
 
@@ -81,6 +93,9 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--no-training", action="store_true", help="attention rows only")
+    parser.add_argument("--training-data", nargs="+", choices=("random", "stdlib"), default=["random", "stdlib"],
+                        help="documents of the training rows: the attention rows' random lengths, and/or "
+                             "quality_llama.py's standard-library files")
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=100)
     parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS_DIR})")
@@ -113,6 +128,28 @@ def document_lengths(tokens: int, low: int, high: int, seed: int) -> list[int]:
         lengths.append(int(torch.randint(low, high + 1, (), generator=generator)))
     lengths[-1] -= sum(lengths) - tokens
     return lengths
+
+
+def stdlib_documents(tokens: int, max_doc: int) -> tuple[list[int], torch.Tensor]:
+    """(document lengths, (1, tokens) byte ids): the first `tokens` bytes of quality_llama.py's
+    training split, one document per file, cut at `max_doc`."""
+    from _quality import stdlib_files
+    from quality_llama import HELD_OUT_EVERY
+
+    _, files = stdlib_files()
+    lengths, stream = [], bytearray()
+    for index, path in enumerate(files):
+        if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1:
+            continue
+        document = path.read_bytes() + b"\0"
+        for start in range(0, len(document), max_doc):
+            piece = document[start:start + max_doc][: tokens - len(stream)]
+            lengths.append(len(piece))
+            stream += piece
+            if len(stream) == tokens:
+                ids = torch.frombuffer(bytes(stream), dtype=torch.uint8).long()[None]
+                return lengths, ids
+    raise SystemExit(f"the standard library's training files hold {len(stream)} bytes, fewer than {tokens}")
 
 
 def doc_ids_of(lengths: list[int], device) -> torch.Tensor:
@@ -205,8 +242,9 @@ def peak_memory_mib(step, device) -> float | None:
 # --- training -----------------------------------------------------------------------------------
 
 
-def bench_training(setup: Setup, lengths: list[int]) -> list[dict]:
-    """Real tokens per second of one training forward + backward, packed vs padded."""
+def bench_training(setup: Setup, lengths: list[int], ids: torch.Tensor | None = None) -> list[dict]:
+    """Real tokens per second of one training forward + backward, packed vs padded. ids: the
+    (1, sum(lengths)) tokens of the packed row (random when None)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_attn_patch import patch_model, unpatch_model
@@ -219,7 +257,7 @@ def bench_training(setup: Setup, lengths: list[int]) -> list[dict]:
     model.gradient_checkpointing_enable()  # as uptrain trains
     model.train()
     device, real = setup.device, sum(lengths)
-    ids = torch.randint(1, config.vocab_size, (1, real), device=device)
+    ids = torch.randint(1, config.vocab_size, (1, real), device=device) if ids is None else ids.to(device)
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
     longest = max(lengths)
     padded = torch.zeros(len(lengths), longest, dtype=torch.long, device=device)
@@ -284,10 +322,11 @@ def print_report(rows: list[dict]) -> None:
     training = [r for r in rows if r["kernel"] == "training_step"]
     if training:
         table = Table(title="training step (forward + backward), real tokens per second")
-        for column in ("attention", "layout", "row tokens", "ms", "tokens/s", "peak MiB"):
+        for column in ("data", "attention", "layout", "row tokens", "ms", "tokens/s", "peak MiB"):
             table.add_column(column, justify="right")
         for r in training:
-            table.add_row(r["provider"], r["layout"], str(r["row_tokens"]), _maybe(r["ms"], ".1f"),
+            table.add_row(r.get("data", "random"), r["provider"], r["layout"], str(r["row_tokens"]),
+                          _maybe(r["ms"], ".1f"),
                           _maybe(r["tokens_per_s"], ",.0f") if not r["error"] else r["error"],
                           _maybe(r.get("peak_mib"), ".0f"))
         console.print(table)
