@@ -147,7 +147,7 @@ def stdlib_documents(tokens: int, max_doc: int) -> tuple[list[int], torch.Tensor
             lengths.append(len(piece))
             stream += piece
             if len(stream) == tokens:
-                ids = torch.frombuffer(bytes(stream), dtype=torch.uint8).long()[None]
+                ids = torch.frombuffer(stream, dtype=torch.uint8).long()[None]  # .long() copies
                 return lengths, ids
     raise SystemExit(f"the standard library's training files hold {len(stream)} bytes, fewer than {tokens}")
 
