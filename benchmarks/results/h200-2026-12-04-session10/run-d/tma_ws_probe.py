@@ -88,6 +88,12 @@ def probe_forward(q, k, v, causal: bool, block_m: int, block_n: int, warps: int,
     return out
 
 
+def parse_variant(text: str) -> tuple:
+    blocks, warps, stages, *ws = text.split("-")
+    block_m, block_n = (int(x) for x in blocks.split("x"))
+    return block_m, block_n, int(warps.removeprefix("w")), int(stages.removeprefix("s")), ws == ["ws"]
+
+
 def record(rows: list, row: dict, out: Path) -> None:
     """Keep the row, print it, and rewrite the JSON: a run cut short keeps what it measured."""
     rows.append(row)
@@ -100,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--variants", nargs="+", help="BMxBN-wW-sS[-ws], e.g. 256x64-w16-s2-ws (default: six)")
     args = parser.parse_args()
     device = "cpu" if args.quick else "cuda"
     batch, heads, n, d = (1, 2, 128, 32) if args.quick else (1, 16, 16384, 128)
@@ -109,6 +116,8 @@ def main() -> None:
     variants = ([(64, 32, 4, 2, False)] if args.quick else
                 [(bm, bn, w, s, ws) for ws in (False, True) for bm, bn, w, s in
                  ((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3))])
+    if args.variants:
+        variants = [parse_variant(text) for text in args.variants]
     rows = []
     for causal in (False, True):
         flops = 4 * batch * heads * n * n * d / (2 if causal else 1)
