@@ -76,9 +76,61 @@ def _probe_fwd(desc_q, desc_k, desc_v, desc_o, seq_len, qk_scale,
     desc_o.store([row0 + pid_m * BLOCK_M, 0], acc.to(desc_o.dtype))
 
 
+@triton.jit
+def _probe_fwd_pointers(Q, K, V, O, seq_len, qk_scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        CAUSAL: tl.constexpr):
+    """The same forward with plain unmasked pointer loads (no descriptors): separates what TMA
+    gives from what our kernel's generality (masks, guards) costs."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    base = tl.program_id(1).to(tl.int64) * seq_len * HEAD_DIM
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end = seq_len
+    if CAUSAL:
+        full_end = pid_m * BLOCK_M
+    for start_n in range(0, full_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    if CAUSAL:
+        for start_n in range(full_end, (pid_m + 1) * BLOCK_M, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc.to(O.dtype.element_ty))
+
+
 def probe_forward(q, k, v, causal: bool, block_m: int, block_n: int, warps: int, stages: int, ws: bool):
     batch, heads, n, d = q.shape
     out = torch.empty_like(q)
+    if ws == "ptr":  # contiguous (B, H, N, D) inputs, pointer loads
+        _probe_fwd_pointers[(n // block_m, batch * heads)](
+            q, k, v, out, n, d**-0.5 * 1.4426950408889634, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d,
+            CAUSAL=causal, num_warps=warps, num_stages=stages)
+        return out
     flat = [t.reshape(batch * heads * n, d) for t in (q, k, v, out)]
     descs = [TensorDescriptor.from_tensor(flat[0], [block_m, d]), TensorDescriptor.from_tensor(flat[1], [block_n, d]),
              TensorDescriptor.from_tensor(flat[2], [block_n, d]), TensorDescriptor.from_tensor(flat[3], [block_m, d])]
@@ -91,7 +143,8 @@ def probe_forward(q, k, v, causal: bool, block_m: int, block_n: int, warps: int,
 def parse_variant(text: str) -> tuple:
     blocks, warps, stages, *ws = text.split("-")
     block_m, block_n = (int(x) for x in blocks.split("x"))
-    return block_m, block_n, int(warps.removeprefix("w")), int(stages.removeprefix("s")), ws == ["ws"]
+    mode = "ptr" if ws == ["ptr"] else ws == ["ws"]  # ptr: pointer loads, no descriptors
+    return block_m, block_n, int(warps.removeprefix("w")), int(stages.removeprefix("s")), mode
 
 
 def record(rows: list, row: dict, out: Path) -> None:
@@ -106,7 +159,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--variants", nargs="+", help="BMxBN-wW-sS[-ws], e.g. 256x64-w16-s2-ws (default: six)")
+    parser.add_argument("--variants", nargs="+",
+                        help="BMxBN-wW-sS[-ws|-ptr], e.g. 256x64-w16-s2-ws (default: six); -ptr: pointer loads")
     args = parser.parse_args()
     device = "cpu" if args.quick else "cuda"
     batch, heads, n, d = (1, 2, 128, 32) if args.quick else (1, 16, 16384, 128)
@@ -146,7 +200,8 @@ def main() -> None:
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 record(rows, row, args.out)
         for bm, bn, w, s, ws in variants:
-            row = dict(causal=causal, variant=f"tma {bm}x{bn} w{w} s{s}" + (" ws" if ws else ""))
+            kind = "ptr" if ws == "ptr" else "tma"
+            row = dict(causal=causal, variant=f"{kind} {bm}x{bn} w{w} s{s}" + (" ws" if ws is True else ""))
             try:
                 started = time.perf_counter()
                 out = probe_forward(q, k, v, causal, bm, bn, w, s, ws)
