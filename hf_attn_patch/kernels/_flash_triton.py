@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import torch
 import triton
@@ -64,7 +65,7 @@ def forward(q, k, v, key_padding_mask, alibi_slopes, left, right, scale, doc_ids
         return (cdiv(q_len, meta["BLOCK_M"]), batch * q_heads)
 
     static, switch_key = _switches(q, key_padding_mask, alibi_slopes, left, right, docs, sinks,
-                                   sink_logits=sink_logits is not None)
+                                   has_sink_logits=sink_logits is not None)
     with _on_device(q):
         _launch_tuned(
             _fwd_kernel, grid,
@@ -149,11 +150,13 @@ def _launch_tuned(kernel, grid, args: tuple, static: dict, switch_key: tuple) ->
         launch(kernel.fn, grid, args, constexprs)
 
 
-def _switches(q, key_padding_mask, alibi_slopes, left, right, docs=None, sinks=0, *, sink_logits=None) -> tuple:
-    """(the compile-time switches, a key of them and of the dtypes the autotuner keys on) for a
-    call. Each combination of switches is its own specialised kernel. sink_logits: whether the
-    forward gets them (None for the backward kernels, which have no such switch). Built once per
-    combination: the dict and its key would otherwise be rebuilt in every decode call."""
+def _switches(q, key_padding_mask, alibi_slopes, left, right, docs=None, sinks=0, *,
+              has_sink_logits: bool | None = None) -> tuple:
+    """(the compile-time switches, read-only; a key of them and of the dtypes the autotuner keys
+    on) for a call. Each combination of switches is its own specialised kernel. has_sink_logits:
+    whether the forward gets them (None for the backward kernels, which have no such switch).
+    Built once per combination: the dict and its key would otherwise be rebuilt in every decode
+    call."""
     return _switches_of(
         q.shape[-1], q.dtype,
         None if key_padding_mask is None else key_padding_mask.dtype,
@@ -161,7 +164,7 @@ def _switches(q, key_padding_mask, alibi_slopes, left, right, docs=None, sinks=0
         left >= 0, right >= 0, docs is not None,
         # Without a left bound every key is visible already: sinks change nothing.
         sinks > 0 and left >= 0,
-        sink_logits,
+        has_sink_logits,
     )
 
 
@@ -182,8 +185,9 @@ def _switches_of(head_dim, dtype, mask_dtype, alibi_dtype, has_left, has_right, 
     )
     if has_sink_logits is not None:
         static["HAS_SINK_LOGITS"] = has_sink_logits
-    # The dtypes the autotuner keys on (k, v, outputs and gradients share q's dtype).
-    return static, (*static.values(), dtype, mask_dtype, alibi_dtype)
+    # The dtypes the autotuner keys on (k, v, outputs and gradients share q's dtype). The dict
+    # is shared by every call with these switches: read-only.
+    return types.MappingProxyType(static), (*static.values(), dtype, mask_dtype, alibi_dtype)
 
 
 def _padding_bounds(key_padding_mask):
