@@ -14,6 +14,7 @@ Not under TRITON_INTERPRET=1 (the kernels would be the interpreter's).
 
     python benchmarks/kernel_resources.py                        # D 128, N 16k, causal and not
     python benchmarks/kernel_resources.py --d 64 --n 1024 --modes causal
+    python benchmarks/kernel_resources.py --modes window packed      # window 1024; packed documents
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from _common import RESULTS_DIR, environment, write_results  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376, 86: 101376}  # bytes a block may use, by arch
-MODES = ("noncausal", "causal")
+MODES = ("noncausal", "causal", "window", "packed")  # window: 1024 keys, causal; packed: documents, causal
+WINDOW = 1024
 
 
 class _StubDriver:
@@ -61,7 +63,7 @@ class _StubDriver:
         return torch.device("cpu")
 
 
-def compile_all(d: int, n: int, heads: int, causal: bool) -> list[dict]:
+def compile_all(d: int, n: int, heads: int, mode: str) -> list[dict]:
     """One row per (kernel, config): resources of the binary `flash_attention` would launch."""
     from hf_attn_patch.kernels import _flash_triton
 
@@ -71,15 +73,19 @@ def compile_all(d: int, n: int, heads: int, causal: bool) -> list[dict]:
     def capture(kernel, grid, args, static, switch_key):
         calls.append((kernel, args, dict(static)))
 
-    real = _flash_triton._launch_tuned
+    left = WINDOW - 1 if mode == "window" else -1
+    right = -1 if mode == "noncausal" else 0
+    doc_ids = torch.zeros(1, n, dtype=torch.int32) if mode == "packed" else None
+    real_launch, real_bounds = _flash_triton._launch_tuned, _flash_triton.document_bounds
     _flash_triton._launch_tuned = capture
+    # The document bounds come from a small kernel of their own: only their shape matters here.
+    _flash_triton.document_bounds = lambda ids: None if ids is None else torch.zeros(*ids.shape, 2, dtype=torch.int32)
     try:
-        right = 0 if causal else -1
-        out, lse = _flash_triton.forward(q, k, v, None, None, -1, right, d**-0.5)
+        out, lse = _flash_triton.forward(q, k, v, None, None, left, right, d**-0.5, doc_ids)
         delta = torch.zeros_like(lse)  # given, so that no row-delta kernel is launched
-        _flash_triton.backward(q, q, k, v, q, lse, None, None, -1, right, d**-0.5, delta=delta)
+        _flash_triton.backward(q, q, k, v, q, lse, None, None, left, right, d**-0.5, doc_ids, delta=delta)
     finally:
-        _flash_triton._launch_tuned = real
+        _flash_triton._launch_tuned, _flash_triton.document_bounds = real_launch, real_bounds
     blocks = {_flash_triton._fwd_kernel: ("fwd", _flash_triton._FWD_BLOCKS),
               _flash_triton._bwd_dkdv_kernel: ("dkdv", _flash_triton._DKDV_BLOCKS),
               _flash_triton._bwd_dq_kernel: ("dq", _flash_triton._DQ_BLOCKS)}
@@ -87,7 +93,7 @@ def compile_all(d: int, n: int, heads: int, causal: bool) -> list[dict]:
     for kernel, args, static in calls:
         name, configs = blocks[kernel]
         for block_m, block_n, warps, stages in configs:
-            row = dict(kernel=name, causal=causal, D=d, N=n, H=heads, config=f"{block_m}x{block_n} w{warps} s{stages}")
+            row = dict(kernel=name, mode=mode, D=d, N=n, H=heads, config=f"{block_m}x{block_n} w{warps} s{stages}")
             try:
                 compiled = kernel.fn.warmup(*args, grid=(1,), **static, BLOCK_M=block_m, BLOCK_N=block_n,
                                             num_warps=warps, num_stages=stages)
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES[:2]))
     parser.add_argument("--arch", type=int, default=90, help="compute capability without a GPU (90: H100/H200)")
     parser.add_argument("--out", type=Path, help=f"results folder (default: a temporary one; e.g. {RESULTS_DIR})")
     args = parser.parse_args(argv)
@@ -134,13 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"triton {triton.__version__}, sm_{arch}{' (no GPU: stub driver)' if not torch.cuda.is_available() else ''}")
     rows = []
     for mode in args.modes:
-        rows += compile_all(args.d, args.n, args.heads, causal=mode == "causal")
+        rows += compile_all(args.d, args.n, args.heads, mode)
     limit = SHARED_LIMIT.get(arch)
     table = Table(title=f"resources per thread / per block, D {args.d}, N {args.n}, bf16, triton {triton.__version__}")
     for column in ("kernel", "mode", "config", "registers", "spill (stack B)", "shared B", "loops", "note"):
         table.add_column(column, justify="right")
     for row in rows:
-        mode = "causal" if row["causal"] else "noncausal"
+        mode = row["mode"]
         if row["error"]:
             table.add_row(row["kernel"], mode, row["config"], "", "", "", "", row["error"])
             continue
