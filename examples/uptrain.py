@@ -18,7 +18,7 @@ import os
 import sys
 
 from hf_attn_patch.cli import run_command
-from hf_attn_patch.training import UptrainConfig, uptrain
+from hf_attn_patch.training import UptrainConfig, end_of_run, uptrain
 
 
 def parse_args(argv=None) -> tuple[UptrainConfig, bool]:
@@ -81,6 +81,7 @@ def run(config: UptrainConfig) -> None:
                           "last_loss": result.losses[-1][1] if result.losses else None,
                           "final_dir": str(result.final_dir),
                           "resumed_from": str(result.resumed_from) if result.resumed_from else None}))
+    end_of_run()  # several processes: leave together, or one may abort at exit
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def _worker(job: Path) -> None:
         _fsdp_on_cpu()
     from accelerate.state import AcceleratorState
 
-    from hf_attn_patch.training import UptrainConfig, uptrain
+    from hf_attn_patch.training import UptrainConfig, end_of_run, uptrain
     from hf_attn_patch.training.distributed import describe_sharding
 
     result = uptrain(UptrainConfig(**settings))
@@ -245,6 +245,7 @@ def _worker(job: Path) -> None:
             "losses": result.losses, "steps": result.steps, "tokens_seen": result.tokens_seen,
             "final_dir": os.fspath(result.final_dir), "sharding": describe_sharding(state),
             "resumed_from": os.fspath(result.resumed_from) if result.resumed_from else None}))
+    end_of_run()
 
 
 def _fsdp_on_cpu() -> None:

@@ -11,8 +11,9 @@ imports `patch_model` and the GQA-BERT loader, never the kernels.
 
 from .config import UptrainConfig, UptrainResult
 from .data import SequenceOrder, load_token_ids, pack
+from .distributed import end_of_run
 from .objectives import hidden_distillation_loss, lm_loss, logit_distillation_loss
 from .trainer import lr_at, uptrain
 
-__all__ = ["UptrainConfig", "UptrainResult", "uptrain", "lr_at", "load_token_ids", "pack", "SequenceOrder",
-           "lm_loss", "logit_distillation_loss", "hidden_distillation_loss"]
+__all__ = ["UptrainConfig", "UptrainResult", "uptrain", "end_of_run", "lr_at", "load_token_ids", "pack",
+           "SequenceOrder", "lm_loss", "logit_distillation_loss", "hidden_distillation_loss"]

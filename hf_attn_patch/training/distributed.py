@@ -16,7 +16,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["is_fsdp", "full_state_dict", "check_checkpoint_kind", "describe_sharding"]
+__all__ = ["is_fsdp", "full_state_dict", "check_checkpoint_kind", "describe_sharding", "end_of_run"]
+
+
+def end_of_run() -> None:
+    """The last call of a script that ran `uptrain` in several processes: every process waits for
+    the others, then leaves the process group. A process that exits with the group still up while
+    another is still working (the main process writing its results) can abort in torch's teardown
+    ("terminate called without an active exception", SIGABRT), and the launcher then stops the
+    others: a finished run that exits non-zero. `uptrain` itself leaves the group up, for scripts
+    that go on. Nothing to do in one process."""
+    import torch.distributed
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from accelerate.state import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def is_fsdp(accelerator) -> bool:
