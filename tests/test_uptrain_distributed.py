@@ -58,6 +58,7 @@ def test_ddp_two_processes_match_one_and_resume_exactly(run_inputs, one_process,
     settings = dict(batch_size=1, **run_inputs, **COMMON)
     whole = launch(tmp_path / "whole", dict(settings, save_every=2))
     assert whole["sharding"] == "DDP" and whole["steps"] == 3
+    assert whole["left_process_group"]  # end_of_run(): no process exits with the group up
     assert whole["tokens_seen"] == one_process.tokens_seen  # counted over both processes
     assert_same_losses(whole["losses"], one_process.losses, rel=1e-5)
     assert_same_weights(Path(whole["final_dir"]), one_process.final_dir, atol=1e-5)
@@ -93,7 +94,7 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(run_inputs, one_proces
     """
     settings = dict(batch_size=1, **run_inputs, **{**COMMON, "gradient_checkpointing": True})
     whole = launch(tmp_path / "whole", dict(settings, save_every=2), env=fsdp2_env())
-    assert whole["sharding"] == "FSDP2 (SHARDED_STATE_DICT)"
+    assert whole["sharding"] == "FSDP2 (SHARDED_STATE_DICT)" and whole["left_process_group"]
     assert_same_losses(whole["losses"], one_process.losses, rel=1e-5)
     assert_same_weights(Path(whole["final_dir"]), one_process.final_dir, atol=1e-5)  # from_pretrained loads it
     step2 = tmp_path / "whole" / "checkpoints" / "step-0000002"
@@ -240,12 +241,14 @@ def _worker(job: Path) -> None:
 
     result = uptrain(UptrainConfig(**settings))
     state = AcceleratorState()
-    if state.is_main_process:
+    main, sharding = state.is_main_process, describe_sharding(state)
+    end_of_run()  # every process leaves the group; then the main one writes what came out
+    if main:
         result_path.write_text(json.dumps({
             "losses": result.losses, "steps": result.steps, "tokens_seen": result.tokens_seen,
-            "final_dir": os.fspath(result.final_dir), "sharding": describe_sharding(state),
-            "resumed_from": os.fspath(result.resumed_from) if result.resumed_from else None}))
-    end_of_run()
+            "final_dir": os.fspath(result.final_dir), "sharding": sharding,
+            "resumed_from": os.fspath(result.resumed_from) if result.resumed_from else None,
+            "left_process_group": not torch.distributed.is_initialized()}))
 
 
 def _fsdp_on_cpu() -> None:
