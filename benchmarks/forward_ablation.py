@@ -9,7 +9,8 @@ one thing our kernel does, timed beside `flash_attention` in one process:
 - split_loops: the key range cut the way ours cuts it (`_flash_triton._block_ranges`): a masked
   loop before the unmasked one and one after, even where the first is empty;
 - safe_max: the guard against rows with nothing visible yet (m = -inf -> subtract 0);
-- masked_loads: K/V of unmasked blocks loaded with an all-true mask and zero fill, as ours does;
+- masked_loads: K/V of unmasked blocks loaded under ours' compile-time all-true mask (the head
+  dim's, broadcast over keys) with zero fill; it should fold away, and this row checks that it does;
 - store_lse: the log-sum-exp written for the backward.
 
 Every variant is checked against sdpa first. Rows print as they come and are appended to
@@ -45,8 +46,9 @@ def _step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, qk_scale,
           MASKED: tl.constexpr, SAFE_MAX: tl.constexpr, MASKED_LOADS: tl.constexpr):
     """One key block of the online softmax."""
     if MASKED_LOADS or MASKED:
-        load_ok = tl.broadcast_to((offs_n >= 0)[:, None], k_ptrs.shape)
-        if MASKED:
+        # ours' unmasked blocks: the head dim's mask, all true at compile time when D is a power of 2
+        load_ok = tl.broadcast_to(tl.full([k_ptrs.shape[1]], 1, tl.int1)[None, :], k_ptrs.shape)
+        if MASKED:  # boundary blocks: the keys some row of the tile sees, as ours
             load_ok = load_ok & (offs_n <= tl.max(offs_m, 0))[:, None]
         k = tl.load(k_ptrs, mask=load_ok, other=0.0)
     else:
