@@ -406,7 +406,8 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """Split the index range [lo, hi) into block-aligned parts: [start, full_start) and
-    [full_end, hi) need masking, [full_start, full_end) lies inside [full_lo, full_hi)."""
+    [full_end, hi) need masking, [full_start, full_end) lies inside [full_lo, full_hi). With lo
+    and full_lo both 0, [start, full_start) is always empty."""
     hi = tl.maximum(hi, 0)
     lo = tl.minimum(tl.maximum(lo, 0), hi)
     full_lo = tl.maximum(full_lo, lo)
@@ -415,10 +416,14 @@ def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     full_start = tl.cdiv(full_lo, BLOCK) * BLOCK
     full_end = (full_hi // BLOCK) * BLOCK
     if full_end <= full_start:
-        full_start = hi
-        full_end = hi
+        # No block is seen whole: all go to the last (masked) range, so that the first range is
+        # empty whenever lo and full_lo are 0 and kernels can leave its loop out (LEADING_MASKED).
+        full_start = start
+        full_end = start
     if hi <= lo:
         start = hi
+        full_start = hi
+        full_end = hi
     return start, full_start, full_end, hi
 
 
@@ -696,8 +701,9 @@ def _fwd_kernel(
             acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, sink_start, sink_end, BLOCK_N, True,
                                        HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS,
                                        DOT_PRECISION)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, start, full_start, BLOCK_N, True,
-                               HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
+    if HAS_LEFT or HAS_PADDING or HAS_DOCS:  # else the first masked range is empty (_block_ranges)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, start, full_start, BLOCK_N, True, HAS_LEFT, HAS_RIGHT,
+                                   HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_start, full_end, BLOCK_N, False,
                                HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, *args, full_end, end, BLOCK_N, True,
@@ -1003,8 +1009,9 @@ def _bwd_dq_kernel(
                                                 HAS_RIGHT, HAS_PADDING, BLOCK_N)
             dq = _dq_inner(dq, *args, sink_start, sink_end, BLOCK_N, True,
                            HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
-    dq = _dq_inner(dq, *args, start, full_start, BLOCK_N, True,
-                   HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
+    if HAS_LEFT or HAS_PADDING or HAS_DOCS:  # else the first masked range is empty (_block_ranges)
+        dq = _dq_inner(dq, *args, start, full_start, BLOCK_N, True,
+                       HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     dq = _dq_inner(dq, *args, full_start, full_end, BLOCK_N, False,
                    HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
     dq = _dq_inner(dq, *args, full_end, end, BLOCK_N, True,
