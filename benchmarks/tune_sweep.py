@@ -3,10 +3,12 @@ then over a wider grid, on the shapes issues 14 and 15 measure, and compare (GPU
 
     python benchmarks/tune_sweep.py                 # packed 16k, causal and non-causal D128 16k
     python benchmarks/tune_sweep.py --cases packed  # one case
+    python benchmarks/tune_sweep.py --candidates shipped backward   # narrow query tiles for dK/dV
 
 For each candidate set and case: the seconds the first call took (tuning and compiling every
 candidate of the forward and of both backward kernels), the forward and forward + backward time
-after it (median, ms), and the configs the autotuner chose. The shipped lists
+after it (median, ms), the configs the autotuner chose, and every candidate's own time per kernel
+(the autotuner's median), so a kernel's configs can be compared one by one. The shipped lists
 (`_FWD_BLOCKS`, `_DKDV_BLOCKS`, `_DQ_BLOCKS` in hf_attn_patch/kernels/_flash_triton.py) came from
 an H100 sweep; this says whether the GPU at hand prefers configs outside them. Rows are appended
 to `<out>/tune-sweep-<date>-<device>.json`.
@@ -33,6 +35,15 @@ from hf_attn_patch.kernels import _flash_triton, flash_attention  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); configs the device cannot hold are pruned at launch.
 WIDE = list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3)))
+# Smaller tiles on the side the backward kernels stream (dK/dV: query rows; dQ: key rows), which
+# the offline compile (kernel_resources.py) shows free the registers the shipped ones spill.
+BACKWARD = {
+    "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 4),
+             (16, 128, 8, 3), (16, 128, 8, 4), (64, 64, 8, 3), (32, 64, 4, 3)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3),
+           (64, 64, 4, 3), (128, 128, 8, 2)],
+}
+CANDIDATES = {"shipped": None, "wide": {"fwd": WIDE, "dkdv": WIDE, "dq": WIDE}, "backward": BACKWARD}
 CASES = ("packed", "causal", "non-causal")
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -41,6 +52,7 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=["shipped", "wide"])
     parser.add_argument("--tokens", type=int, default=16 * 1024)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -49,9 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     console.print(f"[bold]{env['device']}[/]  torch {env['torch']}  triton {env['triton']}")
     rows = []
-    for candidates in ("shipped", "wide"):
-        _flash_triton.set_autotuning(True, None if candidates == "shipped" else
-                                     {"fwd": WIDE, "dkdv": WIDE, "dq": WIDE})
+    for candidates in args.candidates:
+        _flash_triton.set_autotuning(True, CANDIDATES[candidates])
         for case in args.cases:
             row = dict(measure_case(case, args.tokens), candidates=candidates, **env)
             console.print(row)
@@ -59,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             free_memory()
     print_table(rows)
+    print_config_timings(rows)
     console.print(f"rows appended to {path}")
 
 
@@ -76,20 +88,26 @@ def measure_case(case: str, tokens: int) -> dict:
         flash_attention(q, k, v, **options).backward(grad)
         q.grad = k.grad = v.grad = None
 
+    names = {_flash_triton._fwd_kernel: "fwd", _flash_triton._bwd_dkdv_kernel: "dkdv",
+             _flash_triton._bwd_dq_kernel: "dq"}
+    for kernel in names:
+        kernel.configs_timings = None  # the autotuner sets it when it tunes
     before = set(_flash_triton._CHOSEN_CONFIGS)
     torch.cuda.synchronize()
     started = time.perf_counter()
     step()
     torch.cuda.synchronize()
     first_call_s = time.perf_counter() - started
-    names = {_flash_triton._fwd_kernel: "fwd", _flash_triton._bwd_dkdv_kernel: "dkdv",
-             _flash_triton._bwd_dq_kernel: "dq"}
+    timings = {name: {_short({**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}):
+                      (ms[0] if isinstance(ms, (list, tuple)) else ms)
+                      for config, ms in (kernel.configs_timings or {}).items()}
+               for kernel, name in names.items()}
     chosen = {names[key[0]]: _short(config) for key, config in _flash_triton._CHOSEN_CONFIGS.items()
               if key not in before}
     with torch.no_grad():
         fwd_ms = do_bench_median(lambda: flash_attention(q, k, v, **options))
     return dict(case=case, tokens=tokens, H=heads, D=head_dim, first_call_s=first_call_s, fwd_ms=fwd_ms,
-                fwd_bwd_ms=do_bench_median(step), chosen=chosen)
+                fwd_bwd_ms=do_bench_median(step), chosen=chosen, config_ms=timings)
 
 
 def _short(config: dict) -> str:
@@ -104,6 +122,21 @@ def print_table(rows: list[dict]) -> None:
         chosen = " / ".join(row["chosen"].get(name, "-") for name in ("fwd", "dkdv", "dq"))
         table.add_row(row["case"], row["candidates"], f"{row['first_call_s']:.1f}", f"{row['fwd_ms']:.3f}",
                       f"{row['fwd_bwd_ms']:.3f}", chosen)
+    console.print(table)
+
+
+def print_config_timings(rows: list[dict]) -> None:
+    table = Table(title="each candidate's own time, per kernel (autotuner's median, ms; ratio to the best)")
+    for column in ("case", "candidates", "kernel", "configs, fastest first"):
+        table.add_column(column)
+    for row in rows:
+        for kernel, timings in row["config_ms"].items():
+            if not timings:
+                continue
+            best = min(timings.values())
+            ordered = sorted(timings.items(), key=lambda item: item[1])
+            table.add_row(row["case"], row["candidates"], kernel,
+                          ", ".join(f"{config} {ms:.3f} ({ms / best:.2f})" for config, ms in ordered))
     console.print(table)
 
 
