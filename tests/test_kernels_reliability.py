@@ -234,8 +234,17 @@ def test_pruning_keeps_the_tuned_choices_where_they_fit(monkeypatch):
     monkeypatch.setattr(_flash_triton, "_shared_memory_limit", lambda device: H200_SHARED_MEMORY)
     kept = prune("dkdv", _flash_triton._DKDV_BLOCKS, 128, torch.bfloat16, 300)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept] == [
-        (64, 128, 2), (64, 128, 3), (64, 64, 3)
+        (64, 128, 2), (64, 128, 3), (64, 64, 3), (32, 128, 3)
     ]
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(128, torch.float32), (256, torch.bfloat16), (64, torch.float32)], ids=str)
+def test_narrow_dkdv_tile_only_where_it_was_measured(head_dim, dtype, monkeypatch):
+    """dK/dV's 32x128 (best for packed bf16 at D=128) holds 128 keys' K, V and accumulators: not
+    offered for float32 or D=256, where those registers are not there, not even as the fallback."""
+    monkeypatch.setattr(_flash_triton, "_shared_memory_limit", lambda device: H200_SHARED_MEMORY)
+    kept = prune("dkdv", _flash_triton._DKDV_BLOCKS, head_dim, dtype, 300)
+    assert kept and all(c.kwargs["BLOCK_M"] != 32 for c in kept), [str(c) for c in kept]
 
 
 def test_pruning_shrinks_a_config_when_none_fits(monkeypatch):

@@ -247,10 +247,12 @@ _NO_DEVICE = _NoDevice()
 _UNTUNED = [(64, 64, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2)]
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from the winners of a full tuning sweep on
-# an H100 (benchmarks/results, 2026-11-23).
+# an H100 (benchmarks/results, 2026-11-23). dK/dV's 32x128, last so that it is never the fallback
+# of a shape it does not suit: packed documents' winner on the H200 (5% over 64x128 at D=128,
+# bf16; tune_sweep.py --candidates backward, session 11 run G).
 _FWD_BLOCKS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 3),
                (16, 128, 4, 3)]
-_DKDV_BLOCKS = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+_DKDV_BLOCKS = [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 128, 8, 3)]
 _DQ_BLOCKS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (16, 64, 4, 2)]
 
 # Room left for Triton's own shared-memory scratch (barriers, reductions): 512 bytes in the
@@ -341,7 +343,7 @@ def _prune_configs(configs, named_args, *, tiles, **kwargs):
         return limit is None or size(config) + _SCRATCH_BYTES <= limit
 
     fitting = [c for c in configs if fits(c)]
-    suited = [c for c in fitting if _suits_shape(c, block_d, named_args["q_len"])]
+    suited = [c for c in fitting if _suits_shape(c, block_d, named_args["q_len"], q.element_size())]
     if suited:
         return suited
     if fitting:
@@ -349,12 +351,15 @@ def _prune_configs(configs, named_args, *, tiles, **kwargs):
     return [_shrink(min(configs, key=size), fits)]
 
 
-def _suits_shape(config, block_d: int, q_len: int) -> bool:
-    """Tiles that suit the head dim (register budget) and the query length (a 16-row tile for
-    decode-sized queries)."""
+def _suits_shape(config, block_d: int, q_len: int, element_size: int = 2) -> bool:
+    """Tiles that suit the head dim and dtype (register budget) and the query length (a 16-row
+    tile for decode-sized queries)."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     tile = block_m * block_n
     if block_d >= 256 and tile > 64 * 64:
+        return False
+    if block_m == 32 and (block_d > 128 or element_size > 2):
+        # dK/dV's 32x128 holds 128 keys' K, V and both accumulators: measured at 16-bit, D <= 128.
         return False
     if block_d < 256 and block_m > 16 and tile < 64 * 64:
         return False
