@@ -422,7 +422,7 @@ def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     full_end = (full_hi // BLOCK) * BLOCK
     if full_end <= full_start:
         # No block is seen whole: all go to the last (masked) range, so that the first range is
-        # empty whenever lo and full_lo are 0 and kernels can leave its loop out (LEADING_MASKED).
+        # empty whenever lo and full_lo are 0, and the forward and dQ can leave its loop out.
         full_start = start
         full_end = start
     if hi <= lo:
