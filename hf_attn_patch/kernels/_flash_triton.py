@@ -351,7 +351,7 @@ def _prune_configs(configs, named_args, *, tiles, **kwargs):
     return [_shrink(min(configs, key=size), fits)]
 
 
-def _suits_shape(config, block_d: int, q_len: int, element_size: int = 2) -> bool:
+def _suits_shape(config, block_d: int, q_len: int, element_size: int) -> bool:
     """Tiles that suit the head dim and dtype (register budget) and the query length (a 16-row
     tile for decode-sized queries)."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
