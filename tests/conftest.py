@@ -30,6 +30,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Every test draws its random inputs from the same seed, whichever tests ran before it
+    (and in whichever xdist worker): a failure replays when the test is run alone. Without it,
+    upstream gradients drawn from the global generator depended on the tests before, and a bf16
+    check whose error sits near its tolerance (d sink_logits: up to 0.94 of it over 40 draws)
+    failed once in five runs of the same files."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE
