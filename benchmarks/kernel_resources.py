@@ -138,9 +138,10 @@ def matmul_loop_lengths(sass: str) -> list[int]:
     lengths = []
     for address, text in instructions:
         branch = _BACKWARD_BRANCH.search(text)
-        if branch is None or int(branch.group(1), 16) >= address:
+        target = int(branch.group(1), 16) if branch else address
+        if target >= address:
             continue
-        body = [t for a, t in instructions if int(branch.group(1), 16) <= a <= address]
+        body = [t for a, t in instructions if target <= a <= address]
         if any("HGMMA" in t or "HMMA" in t for t in body):
             lengths.append(len(body))
     return lengths
