@@ -1,6 +1,7 @@
-"""Paged KV cache benchmark (issue 6): decode bandwidth, KV memory, continuous-batching throughput.
+"""Paged KV cache benchmark (issue 6): decode bandwidth, KV memory, continuous-batching throughput,
+beam search.
 
-Three sections, each row timed or measured on its own so one failure leaves the others:
+Four sections, each row timed or measured on its own so one failure leaves the others:
 
 * decode: `paged_attention` (bf16, 32 query / 8 KV heads, D = 128, 16-token blocks in shuffled
   order) for B in {1, 32, 64} x context {4k, 8k, 32k}, against torch SDPA on a contiguous cache
@@ -16,6 +17,12 @@ Three sections, each row timed or measured on its own so one failure leaves the 
 * throughput: `generate_batch` of 64 prompts x 512 tokens, 128 new tokens each, Llama-1B
   shape: the patched model (our kernels) against stock `paged|sdpa` (`sdpa` on transformers >=
   5.23), in tokens per second over the whole call, after a warm-up call each.
+* beams: beam search, 4 prompts x 1024 tokens, 4 beams, 128 new tokens, Llama-1B shape: stock
+  sdpa and the patched model with the default cache (which copies every layer's K/V of every
+  beam at each reorder) against the patched model with a PagedKVCache (beams share blocks,
+  copy-on-write), eager and with CUDA graphs. Wall time of `generate` (median of 3 after a
+  warm-up), the K/V held at the end (default cache) or at peak (paged), the peak allocation
+  above what was allocated before the call, and whether the tokens are stock's.
 
     python benchmarks/paged.py                              # everything, on a GPU
     python benchmarks/paged.py --sections decode --out DIR  # one section
@@ -54,7 +61,7 @@ from _common import (
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SECTIONS = ("decode", "memory", "throughput")
+SECTIONS = ("decode", "memory", "throughput", "beams")
 MAX_REL_ERROR = 2e-2  # bf16 decode output vs SDPA
 TARGET_TBPS_LARGE_BATCH = 2.7  # B >= 32
 TARGET_TBPS_B1_32K = 2.4
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [dict(row, section="ceiling", **env) for row in measure_ceilings(settings.device, settings.warmup_ms, settings.rep_ms)]
     path = write_results(rows, args.out, "paged")
     for section in args.sections:
-        runner = {"decode": run_decode, "memory": run_memory, "throughput": run_throughput}[section]
+        runner = {"decode": run_decode, "memory": run_memory, "throughput": run_throughput,
+                  "beams": run_beams}[section]
         for row in runner(settings):
             row = dict(row, section=section, **env)
             write_results([row], args.out, "paged")  # as they come: a crash keeps what was measured
@@ -387,6 +395,83 @@ def throughput_rows(settings: Settings):
         free_memory()
 
 
+# --- beam search ---------------------------------------------------------------------------------
+
+
+def run_beams(settings: Settings):
+    yield from guarded(dict(provider="beams"), lambda: beam_rows(settings))
+
+
+BEAM_PROVIDERS = ("stock sdpa, default cache", "patched, default cache", "patched, paged cache",
+                  "patched + graphs, paged cache")
+
+
+def beam_rows(settings: Settings):
+    from hf_attn_patch import patch_model, unpatch_model
+    from hf_attn_patch.cache import PagedKVCache
+
+    prompts, prompt_len, beams, new_tokens = (2, 12, 3, 4) if settings.quick else (4, 1024, 4, 128)
+    repeats = 1 if settings.quick else 3
+    block_size = 16
+    model = llama_1b(settings)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, model.config.vocab_size, (prompts, prompt_len), generator=generator).to(settings.device)
+    c = model.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    common = dict(prompts=prompts, prompt_len=prompt_len, beams=beams, new_tokens=new_tokens, error=None,
+                  rounds=repeats, unshared_kv_bytes=per_token * prompts * beams * (prompt_len + new_tokens - 1))
+    # Room for every beam's own copy of everything: the pool never limits the run.
+    blocks = prompts * beams * math.ceil((prompt_len + new_tokens) / block_size)
+    stock = None
+    for provider in BEAM_PROVIDERS:
+        row = dict(common, provider=provider)
+        try:
+            if provider.startswith("patched"):
+                patch_model(model, cuda_graphs="graphs" in provider)
+            cache = (PagedKVCache(model, max_batch_size=prompts * beams, num_blocks=blocks, block_size=block_size)
+                     if "paged" in provider else None)
+
+            def run():
+                if cache is not None:
+                    cache.reset()
+                return model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      num_beams=beams, do_sample=False, pad_token_id=0, disable_compile=True,
+                                      return_dict_in_generate=True,
+                                      **({} if cache is None else {"past_key_values": cache}))
+
+            run()  # warm-up: Triton compiles, graphs are captured
+            seconds = []
+            for _ in range(repeats):
+                with peak_memory(settings.device) as peak:
+                    sync(settings.device)
+                    start = time.perf_counter()
+                    out = run()
+                    sync(settings.device)
+                    seconds.append(time.perf_counter() - start)
+                if cache is None:  # what the default cache holds at the end
+                    row["kv_bytes"] = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
+                                          for t in (layer.keys, layer.values) if t is not None)
+                else:
+                    row["kv_bytes"] = cache.stats()["bytes_peak"]
+                    row["blocks_peak"] = cache.stats()["blocks_peak"]
+            row["seconds"] = sorted(seconds)[len(seconds) // 2]
+            row["tok_per_s"] = prompts * new_tokens / row["seconds"]
+            row["peak_alloc_bytes"] = peak.value
+            sequences = out.sequences.cpu()
+            if stock is None:
+                stock = sequences
+            else:  # bf16 on random weights: a near-tie may flip a beam; a sanity figure
+                row["same_tokens_as_stock"] = (sequences == stock).float().mean().item()
+            del out
+        except Exception as exc:
+            row["error"] = error_string(exc)
+        finally:
+            if provider.startswith("patched"):
+                unpatch_model(model)
+        yield row
+        free_memory()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -429,6 +514,22 @@ def print_tables(rows: list[dict]) -> None:
             note = r.get("error") or ("" if r.get("same_tokens", True) else "tokens differ from the default cache")
             table.add_row(str(r.get("provider")), gib(r.get("kv_bytes")), gib(r.get("pool_bytes")),
                           gib(r.get("ideal_bytes")), gib(r.get("peak_alloc_bytes")), note)
+        console.print(table)
+    beams = [r for r in rows if r.get("section") == "beams"]
+    if beams:
+        first = beams[0]
+        table = Table(title=f"beam search: {first.get('prompts')} prompts x {first.get('prompt_len')} tokens, "
+                            f"{first.get('beams')} beams, +{first.get('new_tokens')} (K/V GiB; unshared: "
+                            f"{gib(first.get('unshared_kv_bytes'))})")
+        for column in ("provider", "seconds", "tok/s", "x stock", "K/V held", "peak alloc", "same tokens", "note"):
+            table.add_column(column)
+        stock = next((r for r in beams if r.get("provider", "").startswith("stock") and r.get("tok_per_s")), None)
+        for r in beams:
+            ratio = r["tok_per_s"] / stock["tok_per_s"] if stock and r.get("tok_per_s") else None
+            same = r.get("same_tokens_as_stock")
+            table.add_row(str(r.get("provider")), fmt(r.get("seconds"), "{:.2f}"), fmt(r.get("tok_per_s"), "{:.1f}"),
+                          fmt(ratio, "{:.2f}"), gib(r.get("kv_bytes")), gib(r.get("peak_alloc_bytes")),
+                          "-" if same is None else f"{same:.0%}", r.get("error") or "")
         console.print(table)
     throughput = [r for r in rows if r.get("section") == "throughput"]
     if throughput:
@@ -477,7 +578,7 @@ def draw_plot(rows: list[dict], png: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+        fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
         decode = [r for r in rows if r.get("section") == "decode" and r.get("provider") in ("ours", "sdpa")]
         shapes = sorted({(r["batch"], r["context"]) for r in decode})
         for i, provider in enumerate(("ours", "sdpa")):
@@ -507,6 +608,20 @@ def draw_plot(rows: list[dict], png: Path) -> None:
         axes[2].bar([r["provider"] for r in throughput], [r["tok_per_s"] for r in throughput])
         axes[2].set_ylabel("tokens / s")
         axes[2].set_title("generate_batch, Llama-1B shape")
+
+        beams = [r for r in rows if r.get("section") == "beams" and r.get("tok_per_s")]
+        names = [r["provider"].replace(", ", "\n") for r in beams]
+        axes[3].bar([x - 0.2 for x in range(len(beams))], [r["tok_per_s"] for r in beams], width=0.4,
+                    label="tokens / s", color="tab:blue")
+        axes[3].set_ylabel("tokens / s")
+        memory_axis = axes[3].twinx()
+        memory_axis.bar([x + 0.2 for x in range(len(beams))], [r["kv_bytes"] / 2**30 for r in beams], width=0.4,
+                        label="K/V held (GiB)", color="tab:orange")
+        memory_axis.set_ylabel("K/V held, GiB")
+        axes[3].set_xticks(range(len(beams)), names, fontsize=7)
+        axes[3].set_title("beam search, Llama-1B shape")
+        axes[3].legend(loc="upper left")
+        memory_axis.legend(loc="upper right")
         fig.tight_layout()
         fig.savefig(png, dpi=120)
         console.print(f"plot: {png}")

@@ -184,3 +184,145 @@ def test_release_twice_or_unknown_frees_nothing_more():
     allocator.release_all()
     allocator.release_all()
     assert allocator.num_free == 4
+
+
+# --- shared blocks (beam search) ---------------------------------------------------------------
+
+
+def test_reorder_shares_blocks_and_copies_the_one_being_filled():
+    allocator = BlockAllocator(num_blocks=8, block_size=4)
+    allocator.extend({"a": 6})  # a full block and one holding 2 of 4 tokens
+    full, filling = allocator.block_table("a")
+    assert allocator.reorder({"b": "a", "c": "a"}) == 0
+    assert allocator.block_table("b") == allocator.block_table("c") == [full, filling]
+    assert allocator.length("c") == 6 and allocator.num_used == 2
+    allocator.check_invariants()
+
+    plans = allocator.extend({"a": 1, "b": 1, "c": 1})
+    # Two of the three holders copy the block they write into; the last one writes in place.
+    assert [len(plans[s].copies) for s in "abc"] == [1, 1, 0]
+    assert {plans[s].copies[0][0] for s in "ab"} == {filling}
+    assert allocator.block_table("c") == [full, filling]
+    for s in "ab":
+        copy_of = plans[s].copies[0][1]
+        assert allocator.block_table(s) == [full, copy_of]
+        assert plans[s].table_updates == [(1, copy_of)]
+        assert plans[s].slots == [copy_of * 4 + 2]
+    assert allocator.num_used == 4  # the full block is still shared by all three
+    allocator.check_invariants()
+
+    plans = allocator.extend({"a": 2, "b": 2, "c": 2})  # each crosses into a block of its own
+    assert all(not plan.copies for plan in plans.values())
+    assert allocator.num_used == 7
+    assert allocator.release(["a", "b"]) == 4  # their own blocks; the shared full one stays with c
+    assert allocator.num_used == 3 and allocator.block_table("c")[0] == full
+    allocator.check_invariants()
+
+
+def test_reorder_lets_go_of_what_no_sequence_keeps():
+    allocator = BlockAllocator(num_blocks=8, block_size=4)
+    allocator.extend({0: 5, 1: 5, 2: 5})  # two blocks each
+    # Beam search's first step: every beam goes on from beam 0; the copies of the prompt go back.
+    assert allocator.reorder({0: 0, 1: 0, 2: 0}) == 4
+    assert allocator.num_used == 2
+    # Sequences swap: every source is read before anything changes.
+    allocator.extend({0: 3, 1: 3, 2: 3})
+    before = {s: allocator.block_table(s) for s in (0, 1, 2)}
+    allocator.reorder({0: 1, 1: 0})
+    assert (allocator.block_table(0), allocator.block_table(1)) == (before[1], before[0])
+    allocator.check_invariants()
+    # A source that is no longer live ends the sequence.
+    allocator.release([2])
+    allocator.reorder({1: 2})
+    assert allocator.sequences() == [0]
+    allocator.check_invariants()
+
+
+def test_a_copy_needs_a_free_block_and_a_full_pool_changes_nothing():
+    allocator = BlockAllocator(num_blocks=2, block_size=4)
+    allocator.extend({"a": 3, "x": 1})
+    allocator.reorder({"b": "a"})
+    before = copy.deepcopy(allocator.__dict__)
+    with pytest.raises(CacheFullError) as info:
+        allocator.extend({"a": 1, "b": 1})  # one of them must copy the shared block
+    assert info.value.blocks_needed == 1
+    assert allocator.__dict__ == before
+    allocator.release(["x"])
+    plans = allocator.extend({"a": 1, "b": 1})
+    assert len(plans["a"].copies) == 1 and not plans["b"].copies
+    allocator.check_invariants()
+
+
+def test_a_window_lets_go_of_shared_blocks_once_no_holder_sees_them():
+    allocator = BlockAllocator(num_blocks=12, block_size=2)
+    allocator.extend({"a": 5}, window=4)
+    allocator.reorder({"b": "a"})
+    for _ in range(6):
+        allocator.extend({"a": 1, "b": 1}, window=4)
+        allocator.check_invariants()
+    # Each holds the blocks of its own last 4 positions; the shared old ones went back.
+    assert allocator.num_used == len(set(allocator.blocks_of("a")) | set(allocator.blocks_of("b")))
+    assert max(len(allocator.blocks_of(s)) for s in "ab") <= 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_beams_read_their_own_tokens(seed):
+    """Sequences grow, reorder (with repeats and swaps), slide and end at random, against a
+    model of the pool's slots: copies are applied, then each step's tokens written; every token a
+    sequence still holds must read back as its own."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4])
+    window, sinks = rng.choice([(None, 0), (6, 0), (7, 3)])
+    allocator = BlockAllocator(num_blocks=48, block_size=block_size)
+    pool: list = [None] * (48 * block_size)
+    tokens: dict[int, list] = {}  # what each sequence has seen, as (origin, position) labels
+    for step in range(200):
+        live = allocator.sequences()
+        action = rng.random()
+        if action < 0.1 or not live:
+            seq = step
+            request = {seq: rng.randint(1, 9)}
+            tokens[seq] = []
+        elif action < 0.35:
+            targets = rng.sample(range(step - 20, step + 1), k=rng.randint(1, 4))
+            sources = {t: rng.choice(live) for t in targets}
+            allocator.reorder(sources)
+            tokens = {**{s: v for s, v in tokens.items() if s not in sources},
+                      **{t: list(tokens[src]) for t, src in sources.items()}}
+            request = {}
+        elif action < 0.4:
+            ended = rng.sample(live, k=1)
+            allocator.release(ended)
+            tokens.pop(ended[0])
+            request = {}
+        else:
+            request = {s: 1 for s in live}
+        before = copy.deepcopy(allocator.__dict__)
+        try:
+            plans = allocator.extend(request, window=window, sinks=sinks)
+        except CacheFullError:
+            assert allocator.__dict__ == before
+            allocator.release(rng.sample(allocator.sequences(), k=1))
+            tokens = {s: tokens[s] for s in allocator.sequences()}
+            continue
+        for plan in plans.values():
+            for shared, copy_of in plan.copies:
+                pool[copy_of * block_size:(copy_of + 1) * block_size] = pool[shared * block_size:(shared + 1) * block_size]
+        for seq, plan in plans.items():
+            for slot in plan.slots:
+                label = (seq, step, len(tokens[seq]))
+                tokens[seq].append(label)
+                if slot != EVICTED:
+                    pool[slot] = label
+        allocator.check_invariants()
+        assert set(tokens) == set(allocator.sequences())
+        for seq in allocator.sequences():
+            table, length = allocator.block_table(seq), allocator.length(seq)
+            assert length == len(tokens[seq])
+            for t in range(length):
+                visible = window is None or t >= length - window or t < sinks
+                physical = table[t // block_size]
+                if visible:
+                    assert physical != EVICTED
+                if physical != EVICTED and visible:
+                    assert pool[physical * block_size + t % block_size] == tokens[seq][t]

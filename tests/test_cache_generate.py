@@ -143,6 +143,86 @@ def test_finished_sequences_give_blocks_back(device):
     assert cache.stats()["blocks_used"] == sum(seen[-1])
 
 
+@pytest.mark.parametrize("make_model", MODELS)
+def test_beam_search_same_tokens_as_default_cache_with_shared_blocks(make_model, device):
+    """Beam search reorders the paged cache's block tables instead of copying K/V: the beams
+    share their common blocks, and the tokens are the default cache's."""
+    model = make_model().to(device)
+    ids, mask = left_padded_prompts([7, 3], width=7, seed=2)
+    beams = dict(num_beams=3, num_return_sequences=2, eos_token_id=None)
+    expected = generate(model, ids, mask, 8, **beams)  # stock attention, default cache
+    cache = PagedKVCache(model, num_blocks=40, block_size=4)
+    reorders = []
+    original = cache.allocator.reorder
+
+    def watch(sources):  # the blocks held after each reorder, against one copy per beam
+        freed = original(sources)
+        rows = cache.allocator.sequences()
+        reorders.append((cache.stats()["blocks_used"], sum(len(cache.allocator.blocks_of(r)) for r in rows)))
+        return freed
+
+    cache.allocator.reorder = watch
+    with patched(model):
+        got = generate(model, ids, mask, 8, past_key_values=cache, **beams)
+    assert torch.equal(got, expected)
+    # The prompt's repeats (one per beam) share its blocks, then generate reorders the beams
+    # after the prompt and after each decode step but the last.
+    assert len(reorders) == 1 + 8
+    assert reorders[0] == (2 + 1, 3 * (2 + 1))  # prompts of 7 and 3 tokens, stored once each
+    assert all(held < unshared for held, unshared in reorders)
+    assert cache.stats()["blocks_peak"] < 3 * sum(-(-n // 4) for n in (7 + 8, 3 + 8))
+    cache.allocator.check_invariants()
+
+
+def test_repeated_prompts_share_their_blocks_when_sampling(device):
+    """num_return_sequences repeats each prompt: the repeats hold no blocks of their own until
+    they write, and sampling gives the default cache's tokens for the same seed."""
+    model = tiny_llama().to(device)
+    ids, mask = left_padded_prompts([6, 2], width=6, seed=6)
+    ids, mask = ids.to(device), mask.to(device)
+
+    def sample(**kwargs):
+        torch.manual_seed(1)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True,
+                              num_return_sequences=3, eos_token_id=None, **kwargs).cpu()
+
+    expected = sample()
+    cache = PagedKVCache(model, num_blocks=40, block_size=4)
+    with patched(model):
+        got = sample(past_key_values=cache)
+    assert torch.equal(got, expected)
+    assert len({tuple(row) for row in got[:3, 6:].tolist()}) > 1, "the samples should differ"
+    # Rows hold 6 + 4 and 2 + 4 tokens. The first prompt's full block stays shared by its three
+    # rows; every block a row wrote into is its own (copied where it was shared).
+    tables = [cache.allocator.block_table(row) for row in range(6)]
+    assert len({table[0] for table in tables[:3]}) == 1 and len({table[0] for table in tables[3:]}) == 3
+    assert cache.stats()["blocks_used"] == (1 + 3 + 3) + (3 + 3)
+    cache.allocator.check_invariants()
+
+
+def test_beam_search_reorder_checks_and_release_finished_refuses_beams(device):
+    model = tiny_llama().to(device)
+    ids, mask = left_padded_prompts([5, 4], width=5)
+    cache = PagedKVCache(model, num_blocks=16, block_size=4)
+    cache.reorder_cache(torch.tensor([0, 0]))  # no prompt yet: nothing to reorder
+    with patched(model):
+        generate(model, ids, mask, 1, past_key_values=cache, eos_token_id=None)
+    with pytest.raises(ValueError, match="3 beam indices for a batch of 2"):
+        cache.reorder_cache(torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="row 2 is not in the current batch"):
+        cache.reorder_cache(torch.tensor([0, 2]))
+    cache.allocator.check_invariants()
+    cache.release([1])
+    cache.reorder_cache(torch.tensor([1, 0]))  # row 0 goes on as the released row: it ends
+    assert cache.allocator.sequences() == [1] and cache.seq_lens.tolist() == [0, 5]
+    cache.allocator.check_invariants()
+
+    cache = PagedKVCache(model, num_blocks=16, block_size=4)
+    with patched(model), pytest.raises(ValueError, match="it is for num_beams=1"):
+        generate(model, ids, mask, 3, past_key_values=cache, num_beams=2, eos_token_id=1,
+                 stopping_criteria=[cache.release_finished()])
+
+
 def test_cache_full_error_leaves_the_cache_consistent(device):
     model = tiny_llama().to(device)
     ids, mask = left_padded_prompts([8, 5], width=8)

@@ -74,6 +74,28 @@ def test_a_row_that_ends_on_eos_while_others_go_on(device):
     unpatch_model(model)
 
 
+def test_beam_search_replays_with_shared_blocks(device):
+    """Beam search reorders the block table in place between replays and copies a shared block
+    before the replay that writes into it: the tokens are those of the graph-free paged path."""
+    model = tiny_llama().to(device)
+    ids, mask = left_padded_prompts([6, 3], width=6, seed=4)
+    beams = dict(num_beams=3, eos_token_id=None)
+    patch_model(model)
+    plain = PagedKVCache(model, num_blocks=32, block_size=4)
+    expected = generate(model, ids, mask, 7, past_key_values=plain, **beams)
+    unpatch_model(model)
+
+    patch_model(model, cuda_graphs=True)
+    cache = PagedKVCache(model, num_blocks=32, block_size=4)
+    got = generate(model, ids, mask, 7, past_key_values=cache, **beams)
+    assert torch.equal(got, expected)
+    assert cache.stats() == plain.stats()
+    cache.allocator.check_invariants()
+    if device == "cuda":
+        assert graphed(model).captured_batch_sizes(cache) == [2 * 3]
+    unpatch_model(model)
+
+
 def test_batch_sizes_get_their_own_graph_and_a_new_prompt_reuses_nothing_stale(device):
     model = patch_model(tiny_llama().to(device), cuda_graphs=True)
     results = {}

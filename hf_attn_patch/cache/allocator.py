@@ -19,6 +19,14 @@ the blocks between them and the window are given back. A sequence then never hol
 `streaming_blocks(W, S, block_size)` = ceil(S / block_size) + ceil((W - 1) / block_size) + 1
 blocks, however long it runs: (S + W) / block_size + 1 when both are multiples of the block size.
 
+Beam search shares blocks instead of copying them (vLLM's copy-on-write). `reorder(sources)`
+gives each sequence the table of another (`sources[seq]`), so several sequences hold the same
+physical blocks; each block counts its holders and goes back to the pool when the last one lets
+go. A full block never changes again, so sharing it is free for good. The one block a sequence
+still fills is copied the first time the sequence writes into it while another holds it too: the
+step's plan lists that copy (`StepPlan.copies`), and the cache copies the block's K/V before the
+step writes. The last holder writes in place.
+
 A step either succeeds for every sequence or changes nothing: `extend` works out every block it
 needs first, and raises `CacheFullError` with the numbers (or ValueError for a sequence longer
 than `max_seq_len`) before touching any state.
@@ -55,10 +63,12 @@ class StepPlan:
 
     slots: list[int] = field(default_factory=list)  # flat slot per new token; -1 = not stored
     table_updates: list[tuple[int, int]] = field(default_factory=list)  # (logical index, physical or EVICTED)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (shared physical, its new copy), before writing
 
 
 class BlockAllocator:
-    """Free list of physical blocks plus one block table and length per live sequence.
+    """Free list of physical blocks plus one block table and length per live sequence; blocks
+    shared by several tables (after `reorder`) count their holders.
 
     max_seq_len: most tokens one sequence may reach (its block table's room); None for no limit.
     """
@@ -71,6 +81,7 @@ class BlockAllocator:
         self.max_seq_len = None if max_seq_len is None else checked_int("max_seq_len", max_seq_len)
         # A stack: pop() hands out low block numbers first, which keeps tests readable.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._holders: list[int] = [0] * num_blocks  # table entries that point at each block
         self._tables: dict[Hashable, list[int]] = {}
         self._lengths: dict[Hashable, int] = {}
         # Per sequence, the logical block up to which (from the sinks' end) everything has been
@@ -113,7 +124,9 @@ class BlockAllocator:
 
         With a window, blocks wholly outside it after the step are given back first, and new
         tokens outside it get slot -1; with sinks too, the blocks of the first `sinks` positions
-        are kept (a sequence keeps the same window and sinks for its life). All or nothing:
+        are kept (a sequence keeps the same window and sinks for its life). A sequence that
+        writes into a block another one holds gets its own copy (the plan's `copies`, which the
+        caller applies before writing). All or nothing:
         raises CacheFullError, changing nothing, when the pool cannot hold the step, and
         ValueError when a sequence would pass max_seq_len.
         """
@@ -126,9 +139,9 @@ class BlockAllocator:
             for seq, n in new_tokens.items()
         }
 
-        # Plan everything first, so that a full pool leaves no partial step behind.
-        needed = 0
-        released = 0
+        # Plan everything first, so that a full pool leaves no partial step behind: every
+        # sequence's evictions, then each sequence's copy and new blocks, in the order they apply.
+        let_go: dict[int, int] = {}  # physical block -> holders this step lets go of it
         plans = {}
         for seq, count in new_tokens.items():
             table = self._tables.get(seq, [])
@@ -136,14 +149,21 @@ class BlockAllocator:
             first_kept = self._first_kept_block(old_len + count, window)
             scan_from = max(sink_blocks, self._evicted_to.get(seq, 0))
             evict = [i for i in range(scan_from, min(first_kept, len(table))) if table[i] != EVICTED]
+            for i in evict:
+                let_go[table[i]] = let_go.get(table[i], 0) + 1
+            plans[seq] = (old_len, count, evict, first_kept)
+        needed = 0
+        for seq, (old_len, count, evict, first_kept) in plans.items():
+            table = self._tables.get(seq, [])
+            copy_at = self._shared_block_to_fill(table, old_len, count, evict, let_go)
             last_block = (old_len + count - 1) // self.block_size if old_len + count else -1
             grow = list(range(len(table), last_block + 1))
             take = [i for i in grow if i >= first_kept or i < sink_blocks]
-            needed += len(take)
-            released += len(evict)
-            plans[seq] = (old_len, count, evict, grow, take, first_kept)
-        if needed > len(self._free) + released:
-            raise CacheFullError(needed - released, len(self._free), self.num_blocks, self.block_size)
+            needed += len(take) + (copy_at is not None)
+            plans[seq] = (old_len, count, evict, first_kept, copy_at, grow, take)
+        freed = sum(1 for block, n in let_go.items() if self._holders[block] == n)
+        if needed > len(self._free) + freed:
+            raise CacheFullError(needed - freed, len(self._free), self.num_blocks, self.block_size)
         if self.max_seq_len is not None:
             for seq, (old_len, count, *_) in plans.items():
                 if old_len + count > self.max_seq_len:
@@ -157,14 +177,19 @@ class BlockAllocator:
         for seq, (_, _, evict, *_) in plans.items():
             table = self._tables.setdefault(seq, [])
             for i in evict:
-                self._free.append(table[i])
+                self._let_go(table[i])
                 table[i] = EVICTED
                 result[seq].table_updates.append((i, EVICTED))
-        for seq, (old_len, count, _, grow, take, first_kept) in plans.items():
+        for seq, (old_len, count, _, first_kept, copy_at, grow, take) in plans.items():
             table, plan = self._tables[seq], result[seq]
+            if copy_at is not None:  # take the copy before letting go: the shared block stays held
+                shared, table[copy_at] = table[copy_at], self._take()
+                self._let_go(shared)
+                plan.copies.append((shared, table[copy_at]))
+                plan.table_updates.append((copy_at, table[copy_at]))
             table.extend([EVICTED] * len(grow))
             for i in take:
-                table[i] = self._free.pop()
+                table[i] = self._take()
                 plan.table_updates.append((i, table[i]))
             for t in range(old_len, old_len + count):
                 physical = table[t // self.block_size]
@@ -174,8 +199,41 @@ class BlockAllocator:
         self.peak_blocks_used = max(self.peak_blocks_used, self.num_used)
         return result
 
+    def _shared_block_to_fill(self, table, old_len, count, evict, let_go) -> int | None:
+        """The logical index of the partly filled block this step writes into, when another
+        sequence still holds it after the holders planned so far let go (then it is copied, and
+        this sequence lets go too, in `let_go`); else None. The last holder writes in place."""
+        filling = old_len // self.block_size
+        if not count or not old_len % self.block_size or filling in evict or table[filling] == EVICTED:
+            return None
+        block = table[filling]
+        if self._holders[block] - let_go.get(block, 0) <= 1:
+            return None
+        let_go[block] = let_go.get(block, 0) + 1
+        return filling
+
+    def reorder(self, sources: Mapping[Hashable, Hashable]) -> int:
+        """Each `seq` in `sources` goes on as sequence `sources[seq]` is now (beam search): it gets
+        a copy of that one's table, length and window state, and shares its blocks; what `seq`
+        held before is let go. A source that is not live (released or unknown) ends `seq`. Every
+        source is read before anything changes, so sequences may swap. Takes no block and cannot
+        fail; returns the blocks that went back to the pool."""
+        states = {
+            seq: (list(self._tables[source]), self._lengths[source], self._evicted_to.get(source, 0))
+            for seq, source in sources.items() if source in self._tables
+        }
+        for table, _, _ in states.values():
+            for block in table:
+                if block != EVICTED:
+                    self._holders[block] += 1
+        freed = self.release(list(sources))
+        for seq, (table, length, evicted_to) in states.items():
+            self._tables[seq], self._lengths[seq], self._evicted_to[seq] = table, length, evicted_to
+        return freed
+
     def release(self, seqs: Iterable[Hashable]) -> int:
-        """Forget the sequences and return their blocks to the pool; returns blocks freed.
+        """Forget the sequences and let go of their blocks; returns the blocks that went back to
+        the pool (a block another sequence still holds stays).
 
         Unknown (or already released) sequences are skipped: releasing twice frees nothing twice.
         """
@@ -183,11 +241,23 @@ class BlockAllocator:
         for seq in seqs:
             for block in self._tables.pop(seq, ()):
                 if block != EVICTED:
-                    self._free.append(block)
-                    freed += 1
+                    freed += self._let_go(block)
             self._lengths.pop(seq, None)
             self._evicted_to.pop(seq, None)
         return freed
+
+    def _take(self) -> int:
+        block = self._free.pop()
+        self._holders[block] = 1
+        return block
+
+    def _let_go(self, block: int) -> bool:
+        """One holder fewer; the last one gives the block back to the pool (returns True then)."""
+        self._holders[block] -= 1
+        if self._holders[block]:
+            return False
+        self._free.append(block)
+        return True
 
     def release_all(self) -> None:
         self.release(list(self._tables))
@@ -201,14 +271,22 @@ class BlockAllocator:
     # --- consistency ---------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
-        """Every block is either free or held by exactly one table entry; raise if not."""
-        held = [b for table in self._tables.values() for b in table if b != EVICTED]
-        owners = held + self._free
-        if sorted(owners) != list(range(self.num_blocks)):
+        """Every block is either free (once) or held, and counts exactly the table entries that
+        point at it; raise if not."""
+        holders = [0] * self.num_blocks
+        for table in self._tables.values():
+            for block in table:
+                if block != EVICTED:
+                    holders[block] += 1
+        held = [b for b in range(self.num_blocks) if holders[b]]
+        if sorted(held + self._free) != list(range(self.num_blocks)):
             raise AssertionError(
                 f"block accounting broken: {len(held)} held + {len(self._free)} free for "
                 f"{self.num_blocks} blocks (duplicates or losses)"
             )
+        if holders != self._holders:
+            wrong = next(b for b in range(self.num_blocks) if holders[b] != self._holders[b])
+            raise AssertionError(f"block {wrong} counts {self._holders[wrong]} holders, its tables {holders[wrong]}")
         for seq, table in self._tables.items():
             length = self._lengths[seq]
             if len(table) != -(-length // self.block_size):

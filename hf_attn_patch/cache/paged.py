@@ -16,6 +16,11 @@ How a step flows (the model must be patched by `hf_attn_patch.patch_model`):
   writes the new token's K/V into its slot. `update` returns the new token's K/V; the attention
   function's hook call recognises them (by identity) and answers with `paged_attention`.
 
+Beam search and repeated prompts. Rows of one repeated prompt (generate repeats it for each beam
+and each of `num_return_sequences`) are stored once and share their blocks; `reorder_cache`
+reorders block tables instead of copying K/V, and a shared block a row is still filling is copied
+just before that row writes into it (copy-on-write, allocator.py).
+
 A model that is not patched never calls the hook; the cache notices at the first decode step and
 raises instead of letting an attention run over the lone new token.
 
@@ -236,7 +241,26 @@ class PagedKVCache(Cache):
         self._clear_step_state()
 
     def reorder_cache(self, beam_idx):
-        raise NotImplementedError("PagedKVCache does not support beam search; use num_beams=1")
+        """Beam search: batch row i goes on as row beam_idx[i] is now. No K/V moves: the rows'
+        block tables are reordered and the rows share their blocks; the one block a row is
+        still filling is copied when it next writes while shared (allocator.py). One host sync
+        (the indices), where the default cache copies every layer's K/V of every beam."""
+        if self.layers[0].seen == 0:
+            return  # no prompt yet: nothing to reorder
+        self._check_last_step_finished()
+        sources = beam_idx.tolist() if isinstance(beam_idx, torch.Tensor) else list(beam_idx)
+        batch = len(self._active)
+        if len(sources) != batch:
+            raise ValueError(f"reorder_cache got {len(sources)} beam indices for a batch of {batch}")
+        sources = [self._row(source) for source in sources]
+        # A row that goes on as an ended row ends too (its source's length on the device is 0).
+        self.allocator.reorder({row: source for row, source in enumerate(sources) if self._active[source]})
+        self.allocator.release([row for row, source in enumerate(sources) if not self._active[source]])
+        self._active = [self._active[source] for source in sources]
+        index = _host_to_device(sources, torch.int64, self.block_table.device)
+        # In place: a captured decode graph reads these tensors at their addresses.
+        self.block_table[:batch] = self.block_table[:batch].index_select(0, index)
+        self.seq_lens[:batch] = self.seq_lens[:batch].index_select(0, index)
 
     def crop(self, tokens_to_remove: int):
         raise NotImplementedError("PagedKVCache cannot be cropped (assisted decoding, DoLa); use the default cache")
@@ -482,7 +506,7 @@ class PagedKVCache(Cache):
             rows_before, peak_before = (self.block_table, self.seq_lens), self.allocator.peak_blocks_used
             try:
                 self._check_model(config)
-                self._begin_prompt(key.shape[0], key.shape[2], attention_mask, window)
+                self._begin_prompt(key, value, attention_mask, window)
             except BaseException:
                 self._undo_prompt(rows_before, peak_before)
                 raise
@@ -498,30 +522,46 @@ class PagedKVCache(Cache):
             self.seq_lens.zero_()
         self.allocator.peak_blocks_used = peak_before
 
-    def _begin_prompt(self, batch, tokens, attention_mask, window):
+    def _begin_prompt(self, key, value, attention_mask, window):
+        batch, tokens = key.shape[0], key.shape[2]
         real = _real_tokens(attention_mask, batch, tokens, self.k_pages.device)
-        counts = real.sum(-1)
+        repeats = _repeats_previous_row(key, value, real)
+        # One sync per prompt, none per decode step: every row's length, which rows repeat the
+        # row before, and the largest position transformers gave (see below).
+        summary = [real.sum(-1), repeats.to(torch.int64)]
         positions, self._prompt_positions = self._prompt_positions, None
-        if positions is not None and positions.numel():  # folded into the one sync below
-            counts = torch.cat([counts, positions.max().to(counts).view(1)])
-        lengths = counts.tolist()  # one sync per prompt, none per decode step
-        if positions is not None and positions.numel() and (last := lengths.pop()) >= tokens:
+        if positions is not None and positions.numel():
+            summary.append(positions.max().to(torch.int64).view(1))
+        summary = torch.cat([part.to(torch.int64) for part in summary]).tolist()
+        lengths, repeated = summary[:batch], summary[batch:2 * batch]
+        if len(summary) > 2 * batch and (last := summary[-1]) >= tokens:
             raise RuntimeError(
                 f"PagedKVCache is empty, but this step's tokens stand at positions up to {last}: the cache "
                 "was reset (or swapped in) while a generation was running. Call cache.reset() only between "
                 "generate calls; release(rows) ends sequences early."
             )
         self._check_padded_sinks(lengths, tokens, window)
-        plans = self.allocator.extend(dict(enumerate(lengths)), window=self.window, sinks=self.sinks)
+        # generate repeats each prompt for its beams (and num_return_sequences): a repeated row
+        # shares the blocks of the first row of its run, and writes nothing.
+        origin = list(range(batch))
+        for row in range(1, batch):
+            if repeated[row]:
+                origin[row] = origin[row - 1]
+        plans = self.allocator.extend({row: lengths[row] for row in range(batch) if origin[row] == row},
+                                      window=self.window, sinks=self.sinks)
+        self.allocator.reorder({row: first for row, first in enumerate(origin) if first != row})
         if self.block_table is None:  # no max_batch_size given: the first prompt's batch is the capacity
             self._allocate_rows(batch)
         self._active = [True] * batch
         self._push_to_device(plans, batch)
+        if origin != list(range(batch)):
+            index = _host_to_device(origin, torch.int64, self.block_table.device)
+            self.block_table[:batch] = self.block_table[:batch].index_select(0, index)
         # Slot of each real token: its index among the row's real tokens, through the table.
         index = real.long().cumsum(-1) - 1
         physical = self.block_table[:batch].long().gather(1, (index.clamp_min(0) // self.block_size))
         slots = physical * self.block_size + index % self.block_size
-        self._step_slots = torch.where(real & (physical >= 0), slots, -1)
+        self._step_slots = torch.where(real & (physical >= 0) & ~repeats[:, None], slots, -1)
 
     def _begin_decode_step(self, batch):
         if batch != len(self._active):
@@ -529,6 +569,7 @@ class PagedKVCache(Cache):
         new = {row: 1 for row in range(batch) if self._active[row]}
         # May raise CacheFullError (or ValueError past max_seq_len) before changing anything.
         plans = self.allocator.extend(new, window=self.window, sinks=self.sinks)
+        self._copy_shared_blocks(plans)
         slots = [EVICTED] * batch
         for row, plan in plans.items():
             slots[row] = plan.slots[0]
@@ -537,6 +578,16 @@ class PagedKVCache(Cache):
         self._step_slots = self._decode_slots[:batch]
         self._step_slots.copy_(_host_to_device(slots, torch.int64, self.k_pages.device).view(batch, 1),
                                non_blocking=True)
+
+    def _copy_shared_blocks(self, plans):
+        """Before a step writes: each block a row fills while another row shares it (after
+        beam search's reorder_cache) gets its copy, every layer's K and V at once."""
+        copies = [pair for plan in plans.values() for pair in plan.copies]
+        if not copies:
+            return
+        shared, copy_of = _host_to_device(copies, torch.int64, self.k_pages.device).unbind(1)
+        for pages in (self.k_pages, self.v_pages):
+            pages.index_copy_(1, copy_of, pages.index_select(1, shared))
 
     def _allocate_rows(self, rows):
         # Allocated once: the tables keep their addresses for the cache's life (CUDA graphs rely on it).
@@ -609,6 +660,13 @@ class _ReleaseFinished(StoppingCriteria):
         eos = self.eos_token_id
         if eos is None:
             raise ValueError("release_finished needs eos_token_id (the model's generation config has none)")
+        if input_ids.shape[0] != len(self.cache._active):
+            # Beam search asks about its candidates (2 per beam), not the cache's rows.
+            raise ValueError(
+                f"release_finished got {input_ids.shape[0]} sequences for a cache of {len(self.cache._active)} "
+                "rows: it is for num_beams=1. Beam search needs no help: a beam it drops lets go of its "
+                "blocks when the cache is reordered."
+            )
         eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=input_ids.device)
         finished = torch.isin(input_ids[:, -1], eos).nonzero().flatten().tolist()
         self.cache.release(finished)
@@ -628,6 +686,17 @@ def _streaming_arguments(window, sinks, config_window) -> tuple[int | None, int]
             "(e.g. PagedKVCache(model, window=1024, sinks=4))."
         )
     return window, sinks
+
+
+def _repeats_previous_row(key, value, real) -> torch.Tensor:
+    """(B,) bool: the row's padding and first layer's K and V equal the previous row's (row 0:
+    False). Rows of one prompt that generate repeated give the same K/V in every layer; rows
+    of different prompts differ in their first layer's K or V already."""
+    same = torch.zeros(key.shape[0], dtype=torch.bool, device=real.device)
+    if key.shape[0] > 1:
+        same[1:] = ((real[1:] == real[:-1]).all(-1) & (key[1:] == key[:-1]).flatten(1).all(-1).to(real.device)
+                    & (value[1:] == value[:-1]).flatten(1).all(-1).to(real.device))
+    return same
 
 
 def _real_tokens(attention_mask, batch, tokens, device) -> torch.Tensor:
