@@ -295,11 +295,27 @@ def test_random_beams_read_their_own_tokens(seed):
             allocator.release(ended)
             tokens.pop(ended[0])
             request = {}
+        elif action < 0.5:  # assisted decoding's rollback
+            cut = {s: max(0, allocator.length(s) - rng.randint(0, 3)) for s in rng.sample(live, k=1)}
+            before = copy.deepcopy(allocator.__dict__)
+            try:
+                allocator.truncate(cut, window=window, sinks=sinks)
+            except ValueError:
+                assert window is not None and allocator.__dict__ == before
+            else:
+                for s, length in cut.items():
+                    del tokens[s][length:]
+            request = {}
         else:
             request = {s: 1 for s in live}
+        # Some steps bring several tokens whose queries all read the pool (a continuation).
+        several = bool(request) and rng.random() < 0.3
+        if several:
+            request = {s: rng.randint(1, 4) for s in request}
+        first_query = {s: allocator.length(s) for s in request}
         before = copy.deepcopy(allocator.__dict__)
         try:
-            plans = allocator.extend(request, window=window, sinks=sinks)
+            plans = allocator.extend(request, window=window, sinks=sinks, every_token_queries=several)
         except CacheFullError:
             assert allocator.__dict__ == before
             allocator.release(rng.sample(allocator.sequences(), k=1))
@@ -319,10 +335,62 @@ def test_random_beams_read_their_own_tokens(seed):
         for seq in allocator.sequences():
             table, length = allocator.block_table(seq), allocator.length(seq)
             assert length == len(tokens[seq])
+            # Held: what the next query sees, and after a step of several tokens what its first saw.
+            seen_from = length - window + 1 if window else 0
+            if several and seq in first_query:
+                seen_from = first_query[seq] - window + 1 if window else 0
             for t in range(length):
-                visible = window is None or t >= length - window or t < sinks
+                visible = t >= seen_from or t < sinks
                 physical = table[t // block_size]
                 if visible:
                     assert physical != EVICTED
                 if physical != EVICTED and visible:
                     assert pool[physical * block_size + t % block_size] == tokens[seq][t]
+
+
+# --- rolling back (assisted decoding) and steps whose every token queries --------------------------
+
+
+def test_truncate_lets_go_of_blocks_past_the_new_end():
+    allocator = BlockAllocator(num_blocks=8, block_size=4)
+    allocator.extend({"a": 10})
+    allocator.reorder({"b": "a"})
+    assert allocator.truncate({"a": 5}) == 0  # a's third block is b's too
+    assert allocator.block_table("a") == allocator.block_table("b")[:2] and allocator.length("a") == 5
+    assert allocator.truncate({"b": 6}) == 1  # now nobody holds the third block
+    allocator.check_invariants()
+    # Both hold the second block, a up to position 4 and b up to 5: a writes its position 5
+    # into a copy; b, the last holder then, writes its position 6 in place.
+    plans = allocator.extend({"a": 1, "b": 1})
+    assert len(plans["a"].copies) == 1 and not plans["b"].copies
+    allocator.check_invariants()
+    before = copy.deepcopy(allocator.__dict__)
+    with pytest.raises(ValueError, match="holds 6 tokens; it cannot be truncated to 7"):
+        allocator.truncate({"b": 2, "a": 7})
+    assert allocator.__dict__ == before
+
+
+def test_a_window_truncates_only_to_what_it_still_holds():
+    allocator = BlockAllocator(num_blocks=8, block_size=2)
+    allocator.extend({"s": 10}, window=4)  # keeps positions 6..9 (blocks 3, 4)
+    allocator.truncate({"s": 9}, window=4)  # the next query at 9 sees 6..9: held
+    before = copy.deepcopy(allocator.__dict__)
+    with pytest.raises(ValueError, match="given back to the pool already"):
+        allocator.truncate({"s": 7}, window=4)  # would see 4, 5 again
+    assert allocator.__dict__ == before
+
+
+def test_a_step_whose_every_token_queries_keeps_the_first_ones_window():
+    """A prompt attends over its own K/V, so only what its last token's window sees is stored;
+    a step of several tokens after it attends over the pool, so its first token's window stays."""
+    allocator = BlockAllocator(num_blocks=16, block_size=2)
+    allocator.extend({"p": 3, "s": 3})
+    prompt_like = allocator.extend({"p": 6}, window=4)["p"]
+    assert prompt_like.slots[:1] == [EVICTED]  # positions 3..8: the last query sees 5..8
+    step = allocator.extend({"s": 6}, window=4, every_token_queries=True)["s"]
+    assert EVICTED not in step.slots  # position 3 sees 0..3: everything stays
+    assert allocator.blocks_of("s") == [b for b in allocator.block_table("s") if b != EVICTED]
+    assert len(allocator.blocks_of("s")) == 5
+    allocator.extend({"s": 1}, window=4)  # the next one-token step catches up: position 9 sees 6..9
+    assert len(allocator.blocks_of("s")) == 2
+    allocator.check_invariants()

@@ -6,9 +6,12 @@ that padding, windows shorter than the sequences and sequences ending early all 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import (
+    DynamicCache,
     FalconConfig,
     FalconForCausalLM,
     LlamaConfig,
@@ -221,6 +224,99 @@ def test_beam_search_reorder_checks_and_release_finished_refuses_beams(device):
     with patched(model), pytest.raises(ValueError, match="it is for num_beams=1"):
         generate(model, ids, mask, 3, past_key_values=cache, num_beams=2, eos_token_id=1,
                  stopping_criteria=[cache.release_finished()])
+
+
+# --- steps of several new tokens: a continued conversation, assisted decoding -----------------------
+
+
+@pytest.mark.parametrize("make_model", MODELS)
+def test_a_continued_conversation_matches_the_default_cache(make_model, device):
+    """A second turn appends several tokens to every row in one step: the cache stores them and
+    attends over its pages. Tokens, and the logits of a further step of 5 tokens (longer than
+    the Mistral window's reach into the cache would allow to skip), match the default cache."""
+    model = make_model().to(device)
+    ids, mask = left_padded_prompts([7, 3], width=7)
+    more = torch.randint(2, COMMON["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(1))
+
+    def two_turns(cache):
+        first = generate(model, ids, mask, 4, eos_token_id=None, past_key_values=cache)
+        turn = torch.cat([first, more], 1)
+        turn_mask = torch.cat([mask, torch.ones(2, turn.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+        second = generate(model, turn, turn_mask, 3, eos_token_id=None, past_key_values=cache)
+        # One more step of 5 tokens, as a bare forward: its logits, not only the argmax.
+        step = torch.randint(2, COMMON["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(2))
+        full_mask = torch.ones(2, cache.get_seq_length() + 5, dtype=mask.dtype)
+        full_mask[:, :mask.shape[1]] = mask
+        logits = model(input_ids=step.to(device), attention_mask=full_mask.to(device), past_key_values=cache,
+                       use_cache=True).logits
+        return second, logits.float().cpu()
+
+    expected, expected_logits = two_turns(DynamicCache(config=model.config))
+    cache = PagedKVCache(model, num_blocks=32, block_size=4)
+    with patched(model):
+        got, logits = two_turns(cache)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == (7 + 4) + 6 + 2 + 5  # prompt, turn 1, more, turn 2 (written), step
+    cache.allocator.check_invariants()
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_mistral], ids=["llama", "mistral-window"])
+def test_assisted_decoding_gives_the_greedy_tokens(make_model, device):
+    """Assisted decoding verifies an assistant's candidates in one step of several tokens and
+    crops the rejected ones: the tokens are plain greedy decoding's."""
+    model = make_model().to(device)
+    torch.manual_seed(5)
+    assistant = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 1})).eval().to(device)
+    ids, mask = left_padded_prompts([7], width=7)
+    expected = generate(model, ids, mask, 14, eos_token_id=None)  # stock attention, default cache
+    cache = PagedKVCache(model, num_blocks=32, block_size=4)
+    crops = []
+    original = cache.crop
+    cache.crop = lambda n: (crops.append(n), original(n))[1]
+    with patched(model):
+        got = generate(model, ids, mask, 14, eos_token_id=None, past_key_values=cache, assistant_model=assistant)
+    assert torch.equal(got, expected)
+    assert any(n < 0 for n in crops), "the assistant's candidates should be rejected at times"
+    assert cache.get_seq_length() == 7 + 13
+    held = 7 + 13 if getattr(model.config, "sliding_window", None) is None else None
+    if held is not None:  # rolled-back tokens hold no blocks
+        assert cache.stats()["blocks_used"] == -(-held // 4)
+    cache.allocator.check_invariants()
+
+
+def test_steps_of_several_tokens_that_are_refused_change_nothing(device):
+    model = tiny_llama().to(device)
+    ids, mask = left_padded_prompts([5, 4], width=5)
+    cache = PagedKVCache(model, window=8, sinks=2, num_blocks=16, block_size=4)
+    with patched(model):
+        generate(model, ids, mask, 2, past_key_values=cache, eos_token_id=None)
+        seen = cache.get_seq_length()
+        step = torch.randint(2, COMMON["vocab_size"], (2, 3), device=device)
+        full_mask = torch.cat([mask.to(device), torch.ones(2, seen - 5 + 3, dtype=mask.dtype, device=device)], 1)
+        with pytest.raises(NotImplementedError, match="sinks=2.*one new token per step"):
+            model(input_ids=step, attention_mask=full_mask, past_key_values=cache, use_cache=True)
+    assert {layer.seen for layer in cache.layers} == {seen}
+
+    cache = PagedKVCache(model, num_blocks=16, block_size=4)
+    with patched(model):
+        generate(model, ids, mask, 2, past_key_values=cache, eos_token_id=None)
+        before = copy.deepcopy(cache.allocator.__dict__)
+        full_mask[1, -2] = 0  # padding after a new token of row 1
+        with pytest.raises(ValueError, match="padding after a row's new tokens"):
+            model(input_ids=step, attention_mask=full_mask, past_key_values=cache, use_cache=True)
+        assert cache.allocator.__dict__ == before and {layer.seen for layer in cache.layers} == {seen}
+        full_mask[1, -2] = 1  # the cache is usable as it is
+        model(input_ids=step, attention_mask=full_mask, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == seen + 3
+    before = copy.deepcopy(cache.allocator.__dict__)
+    with pytest.raises(ValueError, match=r"crop\(-10\) removes 10 positions; the cache holds 9"):
+        cache.crop(-10)
+    with pytest.raises(ValueError, match="would remove padding positions"):  # row 1 holds 4 + 1 + 3
+        cache.crop(-9)
+    assert cache.allocator.__dict__ == before and cache.get_seq_length() == seen + 3
+    cache.crop(-3)
+    assert cache.get_seq_length() == seen and cache.allocator.length(0) == 5 + 1
 
 
 def test_cache_full_error_leaves_the_cache_consistent(device):

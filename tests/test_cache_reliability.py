@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from hf_attn_patch import patched
 from hf_attn_patch.cache import CacheFullError, PagedKVCache
@@ -32,6 +32,7 @@ def cache_state(cache: PagedKVCache) -> dict:
         "seq_lens": tensor(cache.seq_lens),
         "seen": [layer.seen for layer in cache.layers],
         "pending": sorted(cache._pending_prompt),
+        "pending_chunk": sorted(cache._pending_chunk),
         "unread": sorted(cache._unread),
         "active": list(cache._active),
         "step_slots": tensor(cache._step_slots),
@@ -132,18 +133,18 @@ def test_a_step_interrupted_in_a_later_layer_is_refused_until_reset(device):
 # --- a second prompt ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("width", [4, 9, 12], ids=["shorter", "equal", "longer"])
-def test_second_prompt_into_a_used_cache_says_reset_or_fresh_cache(width, device):
+def test_a_shorter_prompt_into_a_used_cache_says_reset_or_fresh_cache(device):
     """Issue 13: a shorter second prompt reached the model as zero tokens (a raw reshape error).
-    The first generate leaves 6 + 3 = 9 positions in the cache."""
+    The first generate leaves 6 + 3 = 9 positions in the cache; an input continues what a used
+    cache holds (as with the default cache), so one of 4 positions brings nothing new."""
     model = tiny_llama().to(device)
     ids, mask = left_padded_prompts([6, 4], width=6)
     cache = PagedKVCache(model, max_batch_size=2, num_blocks=8, block_size=4)
     with patched(model):
         generate(model, ids, mask, 4, past_key_values=cache, eos_token_id=None)
     before = cache_state(cache)
-    second_ids, second_mask = left_padded_prompts([width, width - 2], width=width, seed=1)
-    with patched(model), pytest.raises(NotImplementedError, match=r"second prompt.*cache\.reset\(\).*fresh"):
+    second_ids, second_mask = left_padded_prompts([4, 2], width=4, seed=1)
+    with patched(model), pytest.raises(ValueError, match=r"brings none beyond them.*cache\.reset\(\).*fresh"):
         generate(model, second_ids, second_mask, 2, past_key_values=cache, eos_token_id=None)
     assert_same_state(cache_state(cache), before)
 
@@ -152,6 +153,24 @@ def test_second_prompt_into_a_used_cache_says_reset_or_fresh_cache(width, device
     with patched(model):
         got = generate(model, second_ids, second_mask, 2, past_key_values=cache, eos_token_id=None)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("width", [9, 12], ids=["as-long", "longer"])
+def test_a_longer_input_into_a_used_cache_continues_it_as_the_default_cache_does(width, device):
+    """An input at least as long as what the cache holds is taken as its continuation: its
+    positions from the cache's length on are new (one at a time, or several in one step)."""
+    model = tiny_llama().to(device)
+    ids, mask = left_padded_prompts([6, 4], width=6)
+    second_ids, second_mask = left_padded_prompts([width, width - 2], width=width, seed=1)
+    default = DynamicCache(config=model.config)
+    generate(model, ids, mask, 4, past_key_values=default, eos_token_id=None)
+    expected = generate(model, second_ids, second_mask, 2, past_key_values=default, eos_token_id=None)
+    cache = PagedKVCache(model, max_batch_size=2, num_blocks=12, block_size=4)
+    with patched(model):
+        generate(model, ids, mask, 4, past_key_values=cache, eos_token_id=None)
+        got = generate(model, second_ids, second_mask, 2, past_key_values=cache, eos_token_id=None)
+    assert torch.equal(got, expected)
+    cache.allocator.check_invariants()
 
 
 def test_continuing_a_generation_with_its_own_output_still_works(device):

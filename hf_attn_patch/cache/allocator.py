@@ -118,7 +118,8 @@ class BlockAllocator:
     # --- changes -------------------------------------------------------------------------------
 
     def extend(
-        self, new_tokens: Mapping[Hashable, int], window: int | None = None, sinks: int = 0
+        self, new_tokens: Mapping[Hashable, int], window: int | None = None, sinks: int = 0,
+        every_token_queries: bool = False,
     ) -> dict[Hashable, StepPlan]:
         """Append new_tokens[seq] tokens to each sequence (new sequences start empty).
 
@@ -126,7 +127,10 @@ class BlockAllocator:
         tokens outside it get slot -1; with sinks too, the blocks of the first `sinks` positions
         are kept (a sequence keeps the same window and sinks for its life). A sequence that
         writes into a block another one holds gets its own copy (the plan's `copies`, which the
-        caller applies before writing). All or nothing:
+        caller applies before writing). every_token_queries: each new token's query attends
+        over the pool in this step (several tokens after a prompt), so what the first one's
+        window sees is kept, and every new token is stored; otherwise the window is the last
+        token's (a prompt attends over its own K/V, not the pool). All or nothing:
         raises CacheFullError, changing nothing, when the pool cannot hold the step, and
         ValueError when a sequence would pass max_seq_len.
         """
@@ -146,7 +150,8 @@ class BlockAllocator:
         for seq, count in new_tokens.items():
             table = self._tables.get(seq, [])
             old_len = self._lengths.get(seq, 0)
-            first_kept = self._first_kept_block(old_len + count, window)
+            first_kept = self._first_kept_block(old_len + min(count, 1) if every_token_queries else old_len + count,
+                                                window)
             scan_from = max(sink_blocks, self._evicted_to.get(seq, 0))
             evict = [i for i in range(scan_from, min(first_kept, len(table))) if table[i] != EVICTED]
             for i in evict:
@@ -229,6 +234,39 @@ class BlockAllocator:
         freed = self.release(list(sources))
         for seq, (table, length, evicted_to) in states.items():
             self._tables[seq], self._lengths[seq], self._evicted_to[seq] = table, length, evicted_to
+        return freed
+
+    def truncate(self, new_lengths: Mapping[Hashable, int], window: int | None = None, sinks: int = 0) -> int:
+        """Forget each sequence's tokens from new_lengths[seq] on (assisted decoding's rollback):
+        the blocks past its new end are let go. With a window, a sequence must still hold every
+        block its next query sees ([new length - window + 1, new length), and the sinks'): a
+        block given back already cannot be had back, so that is a ValueError, before any change.
+        Returns the blocks that went back to the pool."""
+        checked = {}
+        for seq, length in new_lengths.items():
+            length = checked_int(f"new length of sequence {seq!r}", length, 0)
+            if length > self.length(seq):
+                raise ValueError(f"sequence {seq!r} holds {self.length(seq)} tokens; it cannot be truncated to {length}")
+            if window is not None and length:
+                table = self._tables[seq]
+                sink_blocks = -(-sinks // self.block_size)
+                needed = range(max(0, length - window + 1) // self.block_size, (length - 1) // self.block_size + 1)
+                if any(table[i] == EVICTED for i in [*range(min(sink_blocks, len(table))), *needed]):
+                    raise ValueError(
+                        f"sequence {seq!r} cannot go back to {length} tokens: blocks its window of {window} would "
+                        "see again were given back to the pool already"
+                    )
+            checked[seq] = length
+        freed = 0
+        for seq, length in checked.items():
+            table = self._tables[seq]
+            keep = -(-length // self.block_size)
+            for block in table[keep:]:
+                if block != EVICTED:
+                    freed += self._let_go(block)
+            del table[keep:]
+            self._lengths[seq] = length
+            self._evicted_to[seq] = min(self._evicted_to.get(seq, 0), keep)
         return freed
 
     def release(self, seqs: Iterable[Hashable]) -> int:

@@ -43,7 +43,9 @@ def paged_decode_or_none(
     On a prompt step the cache stores the real (non-padding) tokens, read from attention_mask
     (None, 2-D padding mask or 4-D mask), and this returns None: the caller runs its prompt
     attention over key/value as usual. On a decode step it returns (B, Hq, 1, D) from
-    `paged_attention`. For any other key (no paged cache) it returns None at once.
+    `paged_attention`; on a step of Nq > 1 new tokens after the prompt, (B, Hq, Nq, D) from
+    `flash_attention` over the row's keys read back from the pages. For any other key (no paged
+    cache) it returns None at once.
     """
     cache = paged_cache_for(module, key)
     if cache is None:

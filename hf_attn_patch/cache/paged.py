@@ -11,6 +11,10 @@ How a step flows (the model must be patched by `hf_attn_patch.patch_model`):
   finds the cache (`paged_cache_for`, hooks.py) and calls its `attend` with the padding mask, and
   the cache writes only the real tokens into pages, one launch per layer: left padding takes no
   pages.
+* Several new tokens after the prompt (a continued conversation, assisted decoding's
+  candidates; `crop` rolls rejected ones back). The hook plans the step at its first layer from
+  the padding mask, writes each layer's tokens, and runs `flash_attention` over the row's keys
+  gathered from the pages (`_attend_chunk`).
 * Decode. At layer 0 the cache takes the step's blocks on the host (no device sync: it tracks
   every length itself), pushes the block-table edits and lengths to the device, then each layer
   writes the new token's K/V into its slot. `update` returns the new token's K/V; the attention
@@ -52,7 +56,7 @@ from transformers import StoppingCriteria
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .._compat import cache_update_positions
-from ..kernels import paged_attention, write_to_pages
+from ..kernels import flash_attention, paged_attention, write_to_pages
 from ..kernels._checks import SUPPORTED_DTYPES
 from .allocator import EVICTED, BlockAllocator, checked_int, streaming_blocks
 
@@ -180,7 +184,8 @@ class PagedKVCache(Cache):
     # --- the Cache API that generate and the models use --------------------------------------
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """Prompt: keep K/V for the hook, return them. Decode: write the token, return it.
+        """Prompt, or several new tokens after it (a continuation, assisted decoding's
+        candidates): keep K/V for the hook, return them. Decode: write the token, return it.
 
         Extra arguments are what transformers passes along (the model's `kwargs=` in 5.24,
         nothing in 5.17); only the positions they may hold are read, at a prompt.
@@ -204,10 +209,15 @@ class PagedKVCache(Cache):
             layer.seen += tokens
             return key_states, value_states
 
-        if tokens != 1:
-            raise NotImplementedError(self._one_token_message(layer.seen, tokens))
-        if layer_idx in self._pending_prompt or layer_idx in self._unread:
+        if self._waiting(layer_idx):
             raise RuntimeError(_NOT_PATCHED.format(layer_idx=layer_idx))
+        if tokens != 1:
+            if layer_idx == 0:
+                self._check_chunk(key_states.shape[0], tokens)
+                self._chunk = None
+            self._pending_chunk[layer_idx] = (key_states, value_states)
+            layer.seen += tokens
+            return key_states, value_states
         if layer_idx == 0:
             self._begin_decode_step(key_states.shape[0])
         write_to_pages(key_states, value_states, self.k_pages[layer_idx], self.v_pages[layer_idx], self._step_slots)
@@ -221,10 +231,10 @@ class PagedKVCache(Cache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         seen = self.get_seq_length(layer_idx)
-        # The model asks for its mask before any layer runs: the earliest point to refuse a
-        # second prompt (a shorter one would otherwise reach the model as zero tokens).
-        if seen and isinstance(query_length, int) and query_length != 1:
-            raise NotImplementedError(self._one_token_message(seen, query_length))
+        # The model asks for its mask before any layer runs: the earliest point to refuse an
+        # input no longer than what the cache holds (it would reach the model as zero tokens).
+        if seen and isinstance(query_length, int) and query_length < 1:
+            raise ValueError(self._not_a_continuation_message(seen))
         return seen + query_length, 0
 
     def reset(self) -> None:
@@ -262,8 +272,29 @@ class PagedKVCache(Cache):
         self.block_table[:batch] = self.block_table[:batch].index_select(0, index)
         self.seq_lens[:batch] = self.seq_lens[:batch].index_select(0, index)
 
-    def crop(self, tokens_to_remove: int):
-        raise NotImplementedError("PagedKVCache cannot be cropped (assisted decoding, DoLa); use the default cache")
+    def crop(self, max_length: int):
+        """Assisted decoding's rollback: forget the last -max_length positions (max_length <= 0),
+        or all but the first max_length (> 0), as the default cache does. Every row loses the
+        same positions, the tokens it wrote last; blocks past the new ends are let go. A cache
+        with a window cannot go back past blocks it gave back already: ValueError, nothing
+        changed."""
+        max_length = operator.index(max_length)  # transformers 5.17 passes a 0-d tensor
+        seen = self.get_seq_length()
+        remove = -max_length if max_length <= 0 else max(0, seen - max_length)
+        if not seen or not remove:
+            return
+        self._check_last_step_finished()
+        if remove > seen:
+            raise ValueError(f"crop({max_length}) removes {remove} positions; the cache holds {seen}")
+        rows = [row for row, active in enumerate(self._active) if active]
+        if any(self.allocator.length(row) < remove for row in rows):
+            raise ValueError(f"crop({max_length}) would remove padding positions of some row: a row holds fewer "
+                             f"than {remove} tokens")
+        self.allocator.truncate({row: self.allocator.length(row) - remove for row in rows},
+                                window=self.window, sinks=self.sinks)
+        for layer in self.layers:
+            layer.seen -= remove
+        self._push_to_device({}, len(self._active))
 
     def batch_repeat_interleave(self, repeats: int):
         raise NotImplementedError("PagedKVCache cannot be expanded after the prompt; expand the inputs instead")
@@ -338,11 +369,12 @@ class PagedKVCache(Cache):
 
     def owns(self, layer_idx, key) -> bool:
         """Did this cache's `update` return `key` for the layer, not yet consumed by the hook?"""
-        pending = self._pending_prompt.get(layer_idx)
+        pending = self._pending_prompt.get(layer_idx) or self._pending_chunk.get(layer_idx)
         return (pending is not None and pending[0] is key) or self._unread.get(layer_idx) is key
 
     def attend(self, layer_idx, query, key, attention_mask, *, scale, window, alibi_slopes, config=None):
-        """The hook's work: store a prompt (returns None) or run paged decode (returns out).
+        """The hook's work: store a prompt (returns None), or attend a step of one or several
+        new tokens over the pages (returns out, (B, Hq, Nq, D)).
         window: the attention's own; the cache's applies where narrower (`attention_window`),
         with its sinks. config: the attention module's, checked against the cache's shape at
         the prompt."""
@@ -350,6 +382,9 @@ class PagedKVCache(Cache):
         if layer_idx in self._pending_prompt:
             self._store_prompt(layer_idx, attention_mask, config, window)
             return None
+        if layer_idx in self._pending_chunk:
+            return self._attend_chunk(layer_idx, query, attention_mask, scale=scale, window=window,
+                                      alibi_slopes=alibi_slopes)
         del self._unread[layer_idx]
         if query.shape[2] != 1:
             raise ValueError(f"paged decode takes one query per sequence, got {query.shape[2]}")
@@ -372,8 +407,8 @@ class PagedKVCache(Cache):
 
     def holds_prompt(self) -> bool:
         """A prompt is stored and the last step finished: the next step can be a graphed decode."""
-        return (self.layers[0].seen > 0 and bool(self._active) and not self._pending_prompt
-                and not self._unread and len({layer.seen for layer in self.layers}) == 1)
+        return (self.layers[0].seen > 0 and bool(self._active) and not self._anything_waiting()
+                and len({layer.seen for layer in self.layers}) == 1)
 
     def begin_graph_step(self, batch: int) -> None:
         """The host side of one decode step, before its graph replays: take the blocks, push the
@@ -433,10 +468,10 @@ class PagedKVCache(Cache):
 
     def _check_last_step_finished(self):
         """At layer 0: the last step reached every layer's cache and every attention read it."""
-        if 0 in self._pending_prompt or 0 in self._unread:  # the first attention never asked us
+        if self._waiting(0):  # the first attention never asked us
             raise RuntimeError(_NOT_PATCHED.format(layer_idx=0))
         seen = {layer.seen for layer in self.layers}
-        if len(seen) > 1 or self._pending_prompt or self._unread:
+        if len(seen) > 1 or self._anything_waiting():
             raise RuntimeError(
                 f"PagedKVCache: the last step stopped part-way (its layers hold {min(seen)} to {max(seen)} "
                 "positions): an exception inside the model, or a model with fewer layers than the "
@@ -469,12 +504,30 @@ class PagedKVCache(Cache):
                     "window at least as long as the longest padded prompt."
                 )
 
-    def _one_token_message(self, seen, tokens):
+    def _not_a_continuation_message(self, seen):
         return (
-            f"PagedKVCache holds {seen} positions already and takes one new token per step after its "
-            f"prompt; this step brings {tokens} new. A second prompt into a used cache is not supported: "
-            "call cache.reset() first, or use a fresh PagedKVCache."
+            f"PagedKVCache holds {seen} positions already, and this input brings none beyond them. An "
+            "input into a used cache continues what it holds (as with the default cache); for a new "
+            "prompt call cache.reset() first, or use a fresh PagedKVCache."
         )
+
+    def _check_chunk(self, batch, tokens):
+        """At layer 0 of a step of several new tokens per row, before any change."""
+        if batch != len(self._active):
+            raise ValueError(f"a step of {tokens} tokens for {batch} sequences after a prompt of {len(self._active)}")
+        if self.sinks:
+            raise NotImplementedError(
+                f"PagedKVCache(sinks={self.sinks}) takes one new token per step after its prompt; this step "
+                f"brings {tokens}. Without sinks, steps of several tokens (a continued conversation, "
+                "assisted decoding) work."
+            )
+
+    def _waiting(self, layer_idx) -> bool:
+        """Has update handed the layer's K/V out without the hook having used them yet?"""
+        return layer_idx in self._pending_prompt or layer_idx in self._pending_chunk or layer_idx in self._unread
+
+    def _anything_waiting(self) -> bool:
+        return bool(self._pending_prompt or self._pending_chunk or self._unread)
 
     def _row(self, row) -> int:
         """A batch row index as an int, or a ValueError that says what rows there are."""
@@ -493,6 +546,8 @@ class PagedKVCache(Cache):
 
     def _clear_step_state(self):
         self._pending_prompt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pending_chunk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._chunk: _ChunkStep | None = None
         self._unread: dict[int, torch.Tensor] = {}
         self._active: list[bool] = []
         self._step_slots: torch.Tensor | None = None
@@ -579,6 +634,62 @@ class PagedKVCache(Cache):
         self._step_slots.copy_(_host_to_device(slots, torch.int64, self.k_pages.device).view(batch, 1),
                                non_blocking=True)
 
+    def _attend_chunk(self, layer_idx, query, attention_mask, *, scale, window, alibi_slopes):
+        """A step of several new tokens per row (a continued conversation, assisted decoding's
+        candidates): write them into their slots, then run flash_attention over each row's keys,
+        gathered from the pages into a left-padded (B, Hkv, span, D) tensor, so that the queries
+        stand at the end of their rows, as the kernel aligns them."""
+        key, value = self._pending_chunk.pop(layer_idx)
+        if self._chunk is None:  # the step's first layer plans it for all of them
+            self._chunk = self._begin_chunk(key.shape[0], key.shape[2], attention_mask)
+        step = self._chunk
+        write_to_pages(key, value, self.k_pages[layer_idx], self.v_pages[layer_idx], step.slots)
+        per_slot = (-1, self.shape.num_kv_heads, self.shape.head_dim)
+        keys = self.k_pages[layer_idx].view(per_slot)[step.gather].transpose(1, 2)
+        values = self.v_pages[layer_idx].view(per_slot)[step.gather].transpose(1, 2)
+        return flash_attention(query, keys, values, causal=True, window=window, key_padding_mask=step.visible,
+                               alibi_slopes=alibi_slopes, scale=scale)
+
+    def _begin_chunk(self, batch, tokens, attention_mask) -> "_ChunkStep":
+        """The host side of a step of `tokens` new tokens per row, at its first layer: take the
+        blocks (copying shared ones about to be written), push the table edits and lengths, and
+        work out every layer's slots and gather indices on the device. A row's padding must come
+        before its new tokens; a released row takes none."""
+        device = self.k_pages.device
+        try:  # a refused step (a check, a full pool) leaves the cache as it was before it
+            real = _real_tokens(attention_mask, batch, tokens, device)
+            real = real & _host_to_device(self._active, torch.bool, device)[:, None]
+            # One sync: each row's count of new tokens, and whether a row has padding after a token.
+            padding_inside = (real[:, :-1] & ~real[:, 1:]).any().view(1)
+            summary = torch.cat([real.sum(-1), padding_inside.long()]).tolist()
+            counts = summary[:batch]
+            if summary[batch]:
+                raise ValueError("a step of several new tokens has padding after a row's new tokens; "
+                                 "PagedKVCache takes a row's padding before them (left padding)")
+            plans = self.allocator.extend({row: counts[row] for row in range(batch) if self._active[row]},
+                                          window=self.window, sinks=self.sinks, every_token_queries=True)
+        except BaseException:
+            self.layers[0].seen -= tokens
+            self._pending_chunk.clear()
+            raise
+        self._copy_shared_blocks(plans)
+        self._push_to_device(plans, batch)
+        lengths = self.seq_lens[:batch].long()[:, None]  # after the step
+        table = self.block_table[:batch].long()
+        # Each new token's position among its row's tokens, and its slot through the table.
+        position = lengths - real.sum(-1, keepdim=True) + real.long().cumsum(-1) - 1
+        physical = table.gather(1, position.clamp_min(0) // self.block_size)
+        slots = torch.where(real & (physical >= 0), physical * self.block_size + position % self.block_size, -1)
+        # The keys the step's queries can see: each row's last `span` positions, the row's end
+        # at the right; a window bounds the span.
+        longest = max((self.allocator.length(row) for row in plans), default=1)
+        span = longest if self.window is None else min(longest, tokens + self.window - 1)
+        key_position = lengths - span + torch.arange(span, device=device)
+        block = table.gather(1, key_position.clamp_min(0) // self.block_size)
+        visible = (key_position >= 0) & (block >= 0)
+        gather = torch.where(visible, block * self.block_size + key_position % self.block_size, 0)
+        return _ChunkStep(slots, gather, visible)
+
     def _copy_shared_blocks(self, plans):
         """Before a step writes: each block a row fills while another row shares it (after
         beam search's reorder_cache) gets its copy, every layer's K and V at once."""
@@ -616,11 +727,21 @@ _NOT_PATCHED = (
 )
 
 
+@dataclass
+class _ChunkStep:
+    """A step of several new tokens per row, planned at its first layer for all of them."""
+
+    slots: torch.Tensor  # (B, T) int64: the slot of each new token, -1 for padding
+    gather: torch.Tensor  # (B, span) int64: slots of the keys the step's queries can see, rows right-aligned
+    visible: torch.Tensor  # (B, span) bool: which of those hold a key
+
+
 class _PagedLayer(CacheLayerMixin):
     """Per-layer view for transformers' bookkeeping; the pages live in the parent cache."""
 
     is_sliding = False
     is_compileable = False
+    is_croppable = True  # PagedKVCache.crop (assisted decoding); transformers >= 5.24 asks the layers
 
     def __init__(self, cache: PagedKVCache, layer_idx: int):
         super().__init__()
