@@ -259,7 +259,9 @@ class BlockAllocator:
             checked[seq] = length
         freed = 0
         for seq, length in checked.items():
-            table = self._tables[seq]
+            table = self._tables.get(seq)
+            if table is None:  # an unknown sequence, "truncated" to 0 tokens
+                continue
             keep = -(-length // self.block_size)
             for block in table[keep:]:
                 if block != EVICTED:
