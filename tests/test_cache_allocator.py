@@ -394,3 +394,56 @@ def test_a_step_whose_every_token_queries_keeps_the_first_ones_window():
     allocator.extend({"s": 1}, window=4)  # the next one-token step catches up: position 9 sees 6..9
     assert len(allocator.blocks_of("s")) == 2
     allocator.check_invariants()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_quick_decode_step_plans_what_the_general_one_does(seed):
+    """`extend` takes a shortcut for one token into a block a sequence fills alone: the same
+    random workload with and without it gives the same plans and the same state."""
+    rng = random.Random(seed)
+    block_size = rng.choice([2, 4, 16])
+    window, sinks = rng.choice([(None, 0), (5, 0), (9, 2)])
+    quick = BlockAllocator(num_blocks=64, block_size=block_size, max_seq_len=rng.choice([None, 40]))
+    general = copy.deepcopy(quick)
+    shortcuts = []
+
+    def counted(new_tokens, window, shortcut=quick._extend_within_blocks):
+        plans = shortcut(new_tokens, window)
+        shortcuts.append(plans is not None)
+        return plans
+
+    quick._extend_within_blocks = counted
+    general._extend_within_blocks = lambda new_tokens, window: None
+
+    def state(allocator):
+        return {k: v for k, v in allocator.__dict__.items() if k != "_extend_within_blocks"}
+
+    for step in range(300):
+        live = quick.sequences()
+        action = rng.random()
+        if action < 0.1 or not live:
+            request = {step: rng.randint(1, 9)}
+        elif action < 0.2:
+            sources = {rng.choice(live): rng.choice(live) for _ in range(2)}
+            assert quick.reorder(sources) == general.reorder(sources)
+            request = {}
+        elif action < 0.25:
+            ended = rng.sample(live, k=1)
+            assert quick.release(ended) == general.release(ended)
+            request = {}
+        else:
+            request = {s: 1 for s in live}
+        outcomes = []
+        for allocator in (quick, general):
+            try:
+                outcomes.append(allocator.extend(request, window=window, sinks=sinks))
+            except (CacheFullError, ValueError) as error:
+                outcomes.append(type(error))
+        assert outcomes[0] == outcomes[1]
+        assert state(quick) == state(general)
+        if outcomes[0] in (CacheFullError, ValueError):
+            ended = rng.sample(live, k=1)
+            quick.release(ended)
+            general.release(ended)
+    quick.check_invariants()
+    assert sum(shortcuts) >= 30, "the shortcut should serve many of the steps"
