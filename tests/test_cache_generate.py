@@ -226,6 +226,21 @@ def test_beam_search_reorder_checks_and_release_finished_refuses_beams(device):
                  stopping_criteria=[cache.release_finished()])
 
 
+@pytest.mark.parametrize("at_once", [2**24, 40], ids=["one-pass", "span-by-span"])
+def test_repeated_rows_are_found_by_padding_and_first_layer_kv(at_once, monkeypatch):
+    from hf_attn_patch.cache import paged
+
+    monkeypatch.setattr(paged, "_COMPARED_AT_ONCE", at_once)
+    key, value = torch.randn(5, 2, 30, 8), torch.randn(5, 2, 30, 8)
+    for t in (key, value):
+        t[1], t[2], t[4] = t[0], t[0], t[3]
+    real = torch.ones(5, 30, dtype=torch.bool)
+    assert paged._repeats_previous_row(key, value, real).tolist() == [False, True, True, False, True]
+    value[2, 1, 29, 7] += 1e-6  # the last element of the last span
+    real[4, 0] = False  # another padding
+    assert paged._repeats_previous_row(key, value, real).tolist() == [False, True, False, False, False]
+
+
 # --- steps of several new tokens: a continued conversation, assisted decoding -----------------------
 
 

@@ -812,12 +812,24 @@ def _streaming_arguments(window, sinks, config_window) -> tuple[int | None, int]
 def _repeats_previous_row(key, value, real) -> torch.Tensor:
     """(B,) bool: the row's padding and first layer's K and V equal the previous row's (row 0:
     False). Rows of one prompt that generate repeated give the same K/V in every layer; rows
-    of different prompts differ in their first layer's K or V already."""
-    same = torch.zeros(key.shape[0], dtype=torch.bool, device=real.device)
-    if key.shape[0] > 1:
-        same[1:] = ((real[1:] == real[:-1]).all(-1) & (key[1:] == key[:-1]).flatten(1).all(-1).to(real.device)
-                    & (value[1:] == value[:-1]).flatten(1).all(-1).to(real.device))
+    of different prompts differ in their first layer's K or V already. Compared a span of
+    positions at a time, so the comparison never holds more than _COMPARED_AT_ONCE booleans."""
+    batch, tokens = key.shape[0], key.shape[2]
+    same = torch.zeros(batch, dtype=torch.bool, device=real.device)
+    if batch == 1:
+        return same
+    repeats = (real[1:] == real[:-1]).all(-1)
+    per_position = (batch - 1) * key.shape[1] * key.shape[3]
+    span = max(1, _COMPARED_AT_ONCE // per_position)
+    for start in range(0, tokens, span):
+        for states in (key, value):
+            part = states[:, :, start:start + span]
+            repeats &= (part[1:] == part[:-1]).flatten(1).all(-1)
+    same[1:] = repeats
     return same
+
+
+_COMPARED_AT_ONCE = 2**24
 
 
 def _real_tokens(attention_mask, batch, tokens, device) -> torch.Tensor:
