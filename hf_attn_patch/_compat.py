@@ -8,6 +8,7 @@ Families and caches call these functions and never compare versions themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -31,6 +32,7 @@ __all__ = [
     "is_continuous_batching_call",
     "cache_update_positions",
     "cache_keyword",
+    "output_with_cache",
     "falcon_attention_classes",
     "falcon_uses_attention_interface",
 ]
@@ -141,6 +143,14 @@ def cache_keyword(kwargs: dict) -> str:
     """The name a model's forward was given its cache under: 5.24 renamed `past_key_values` to
     `cache` (the old name still works there, with a deprecation warning); pass on the same one."""
     return "cache" if "cache" in kwargs else "past_key_values"
+
+
+def output_with_cache(output_type, logits: torch.Tensor, cache):
+    """A model output of `output_type` with these logits and this cache: its field is `cache`
+    from 5.24 on (`past_key_values` there is a deprecated alias that logs a warning), and
+    `past_key_values` before."""
+    fields = {field.name for field in dataclasses.fields(output_type)}
+    return output_type(logits=logits, **{"cache" if "cache" in fields else "past_key_values": cache})
 
 
 # --- Falcon ----------------------------------------------------------------------------------

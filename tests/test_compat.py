@@ -156,3 +156,16 @@ def _interpreted() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_a_graphed_step_builds_its_output_under_the_cache_name_of_the_installed_release():
+    """5.24 renamed the outputs' `past_key_values` to `cache`; the old name still works there
+    but logs a deprecation on the first graphed step of every generate."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils import generic
+
+    cache, logits = object(), torch.zeros(1, 1, 4)
+    with mock.patch.object(generic.logger, "warning_once") as warned:
+        out = _compat.output_with_cache(CausalLMOutputWithPast, logits, cache)
+    assert not warned.called
+    assert out.to_tuple() == (logits, cache)

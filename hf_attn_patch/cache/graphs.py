@@ -30,7 +30,7 @@ import weakref
 
 import torch
 
-from .._compat import cache_keyword
+from .._compat import cache_keyword, output_with_cache
 from .paged import PagedKVCache
 
 __all__ = ["GraphedDecodeForward", "install_graphed_decode"]
@@ -80,7 +80,7 @@ class GraphedDecodeForward:
             logits = graph.run(kwargs["input_ids"], kwargs.get("position_ids"), cache.get_seq_length())
         finally:
             cache.end_graph_step()
-        return graph.output_type(logits=logits, past_key_values=cache)
+        return output_with_cache(graph.output_type, logits, cache)
 
     def captured_batch_sizes(self, cache: PagedKVCache) -> list[int]:
         """Batch sizes with a captured graph for this cache (for tests and benchmarks)."""
