@@ -302,17 +302,19 @@ def test_assisted_decoding_gives_the_greedy_tokens(make_model, device):
 
 def test_steps_of_several_tokens_that_are_refused_change_nothing(device):
     model = tiny_llama().to(device)
-    ids, mask = left_padded_prompts([5, 4], width=5)
-    cache = PagedKVCache(model, window=8, sinks=2, num_blocks=16, block_size=4)
+    short_ids, short_mask = left_padded_prompts([5, 1], width=5)
+    cache = PagedKVCache(model, window=8, sinks=3, num_blocks=16, block_size=4)
     with patched(model):
-        generate(model, ids, mask, 2, past_key_values=cache, eos_token_id=None)
+        generate(model, short_ids, short_mask, 2, past_key_values=cache, eos_token_id=None)
         seen = cache.get_seq_length()
         step = torch.randint(2, COMMON["vocab_size"], (2, 3), device=device)
-        full_mask = torch.cat([mask.to(device), torch.ones(2, seen - 5 + 3, dtype=mask.dtype, device=device)], 1)
-        with pytest.raises(NotImplementedError, match="sinks=2.*one new token per step"):
+        full_mask = torch.cat([short_mask.to(device), torch.ones(2, seen - 5 + 3, dtype=torch.long, device=device)], 1)
+        with pytest.raises(NotImplementedError, match="row 1 holds 2 tokens, fewer than the sinks"):
             model(input_ids=step, attention_mask=full_mask, past_key_values=cache, use_cache=True)
     assert {layer.seen for layer in cache.layers} == {seen}
 
+    ids, mask = left_padded_prompts([5, 4], width=5)
+    full_mask = torch.cat([mask.to(device), torch.ones(2, seen - 5 + 3, dtype=mask.dtype, device=device)], 1)
     cache = PagedKVCache(model, num_blocks=16, block_size=4)
     with patched(model):
         generate(model, ids, mask, 2, past_key_values=cache, eos_token_id=None)

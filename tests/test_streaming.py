@@ -213,6 +213,36 @@ def test_patched_llama_streams_like_the_masked_stock_model(cuda_graphs, device):
     assert relative_error(got, stock_logits(model, tokens[:, :-1], 10**9, 0)[:, prompt_len - 1:]) > 1e-3
 
 
+def test_a_continued_conversation_streams_like_the_masked_stock_model(device):
+    """A second turn of several tokens through a streaming cache (W=8, S=3, blocks of 4): its
+    attention reads the sinks and the window back from the pages. The second turn's generated
+    logits, and those of a further 6-token step, against the stock model over the whole
+    conversation with the window + sinks mask."""
+    window, sinks, block_size = 8, 3, 4
+    model = tiny_llama(device)
+    generator = torch.Generator().manual_seed(2)
+    prompt, more, step = (torch.randint(2, LLAMA["vocab_size"], (1, n), generator=generator).to(device)
+                          for n in (13, 7, 5))
+    cache = PagedKVCache(model, num_blocks=32, block_size=block_size, window=window, sinks=sinks, max_seq_len=64)
+    settings = dict(do_sample=False, eos_token_id=None, past_key_values=cache)
+    with patched(model):
+        first = model.generate(input_ids=prompt, max_new_tokens=6, **settings)
+        turn = torch.cat([first, more], 1)
+        out = model.generate(input_ids=turn, max_new_tokens=5, output_logits=True, return_dict_in_generate=True,
+                             **settings)
+        tokens = out.sequences
+        chunk = torch.cat([tokens[:, -1:], step], 1)  # the cache holds all but the last token
+        chunk_logits = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits
+    expected = stock_logits(model, tokens[:, :-1], window, sinks)[:, turn.shape[1] - 1:]
+    assert relative_error(torch.stack(out.logits, dim=1), expected) < 1e-4
+    everything = torch.cat([tokens, step], 1)
+    assert relative_error(chunk_logits, stock_logits(model, everything, window, sinks)[:, -6:]) < 1e-4
+    # The reference is discriminating: without the sinks it differs.
+    assert relative_error(chunk_logits, stock_logits(model, everything, window, 0)[:, -6:]) > 1e-3
+    cache.allocator.check_invariants()
+    assert cache.stats()["blocks_used"] <= streaming_blocks(window, sinks, block_size) + -(-6 // block_size)
+
+
 def test_pool_one_block_short_is_full(device):
     """The bound is tight: one block fewer than streaming_blocks and the stream stops."""
     window, sinks, block_size = 16, 4, 4

@@ -383,7 +383,7 @@ class PagedKVCache(Cache):
             self._store_prompt(layer_idx, attention_mask, config, window)
             return None
         if layer_idx in self._pending_chunk:
-            return self._attend_chunk(layer_idx, query, attention_mask, scale=scale, window=window,
+            return self._attend_chunk(layer_idx, query, attention_mask, scale=scale, window=window, sinks=sinks,
                                       alibi_slopes=alibi_slopes)
         del self._unread[layer_idx]
         if query.shape[2] != 1:
@@ -515,11 +515,12 @@ class PagedKVCache(Cache):
         """At layer 0 of a step of several new tokens per row, before any change."""
         if batch != len(self._active):
             raise ValueError(f"a step of {tokens} tokens for {batch} sequences after a prompt of {len(self._active)}")
-        if self.sinks:
+        short = [row for row, active in enumerate(self._active) if active and self.allocator.length(row) < self.sinks]
+        if short:
             raise NotImplementedError(
-                f"PagedKVCache(sinks={self.sinks}) takes one new token per step after its prompt; this step "
-                f"brings {tokens}. Without sinks, steps of several tokens (a continued conversation, "
-                "assisted decoding) work."
+                f"PagedKVCache(sinks={self.sinks}): row {short[0]} holds {self.allocator.length(short[0])} tokens, "
+                f"fewer than the sinks, and this step brings {tokens} at once; a step of several tokens needs "
+                "every row to hold its sinks already (one token at a time works)."
             )
 
     def _waiting(self, layer_idx) -> bool:
@@ -634,29 +635,34 @@ class PagedKVCache(Cache):
         self._step_slots.copy_(_host_to_device(slots, torch.int64, self.k_pages.device).view(batch, 1),
                                non_blocking=True)
 
-    def _attend_chunk(self, layer_idx, query, attention_mask, *, scale, window, alibi_slopes):
+    def _attend_chunk(self, layer_idx, query, attention_mask, *, scale, window, sinks, alibi_slopes):
         """A step of several new tokens per row (a continued conversation, assisted decoding's
         candidates): write them into their slots, then run flash_attention over each row's keys,
         gathered from the pages into a left-padded (B, Hkv, span, D) tensor, so that the queries
-        stand at the end of their rows, as the kernel aligns them."""
+        stand at the end of their rows, as the kernel aligns them. With sinks, the gather starts
+        with every row's first `sinks` positions, which the kernel keeps visible."""
         key, value = self._pending_chunk.pop(layer_idx)
         if self._chunk is None:  # the step's first layer plans it for all of them
-            self._chunk = self._begin_chunk(key.shape[0], key.shape[2], attention_mask)
+            self._chunk = self._begin_chunk(key.shape[0], key.shape[2], attention_mask, alibi_slopes)
         step = self._chunk
         write_to_pages(key, value, self.k_pages[layer_idx], self.v_pages[layer_idx], step.slots)
         per_slot = (-1, self.shape.num_kv_heads, self.shape.head_dim)
         keys = self.k_pages[layer_idx].view(per_slot)[step.gather].transpose(1, 2)
         values = self.v_pages[layer_idx].view(per_slot)[step.gather].transpose(1, 2)
         return flash_attention(query, keys, values, causal=True, window=window, key_padding_mask=step.visible,
-                               alibi_slopes=alibi_slopes, scale=scale)
+                               alibi_slopes=alibi_slopes, scale=scale, sinks=sinks)
 
-    def _begin_chunk(self, batch, tokens, attention_mask) -> "_ChunkStep":
+    def _begin_chunk(self, batch, tokens, attention_mask, alibi_slopes) -> "_ChunkStep":
         """The host side of a step of `tokens` new tokens per row, at its first layer: take the
         blocks (copying shared ones about to be written), push the table edits and lengths, and
         work out every layer's slots and gather indices on the device. A row's padding must come
         before its new tokens; a released row takes none."""
         device = self.k_pages.device
         try:  # a refused step (a check, a full pool) leaves the cache as it was before it
+            if self.sinks and alibi_slopes is not None:
+                # The gathered sinks sit at other distances from the queries than their positions.
+                raise NotImplementedError(f"PagedKVCache(sinks={self.sinks}) with ALiBi takes one new token per "
+                                          "step after its prompt")
             real = _real_tokens(attention_mask, batch, tokens, device)
             real = real & _host_to_device(self._active, torch.bool, device)[:, None]
             # One sync: each row's count of new tokens, and whether a row has padding after a token.
@@ -685,8 +691,11 @@ class PagedKVCache(Cache):
         longest = max((self.allocator.length(row) for row in plans), default=1)
         span = longest if self.window is None else min(longest, tokens + self.window - 1)
         key_position = lengths - span + torch.arange(span, device=device)
+        if self.sinks:  # every row holds its sinks (_check_chunk): they go first, once
+            key_position = torch.cat([torch.arange(self.sinks, device=device).expand(batch, -1),
+                                      torch.where(key_position >= self.sinks, key_position, -1)], 1)
         block = table.gather(1, key_position.clamp_min(0) // self.block_size)
-        visible = (key_position >= 0) & (block >= 0)
+        visible = (key_position >= 0) & (key_position < lengths) & (block >= 0)
         gather = torch.where(visible, block * self.block_size + key_position % self.block_size, 0)
         return _ChunkStep(slots, gather, visible)
 
@@ -732,8 +741,8 @@ class _ChunkStep:
     """A step of several new tokens per row, planned at its first layer for all of them."""
 
     slots: torch.Tensor  # (B, T) int64: the slot of each new token, -1 for padding
-    gather: torch.Tensor  # (B, span) int64: slots of the keys the step's queries can see, rows right-aligned
-    visible: torch.Tensor  # (B, span) bool: which of those hold a key
+    gather: torch.Tensor  # (B, [sinks +] span) int64: slots of the keys the queries can see, rows right-aligned
+    visible: torch.Tensor  # (B, [sinks +] span) bool: which of those hold a key
 
 
 class _PagedLayer(CacheLayerMixin):
