@@ -155,13 +155,14 @@ def test_beam_search_same_tokens_as_default_cache_with_shared_blocks(make_model,
     beams = dict(num_beams=3, num_return_sequences=2, eos_token_id=None)
     expected = generate(model, ids, mask, 8, **beams)  # stock attention, default cache
     cache = PagedKVCache(model, num_blocks=40, block_size=4)
-    reorders = []
+    reorders, shared = [], []
     original = cache.allocator.reorder
 
     def watch(sources):  # the blocks held after each reorder, against one copy per beam
         freed = original(sources)
         rows = cache.allocator.sequences()
         reorders.append((cache.stats()["blocks_used"], sum(len(cache.allocator.blocks_of(r)) for r in rows)))
+        shared.append(cache.stats()["blocks_shared"])
         return freed
 
     cache.allocator.reorder = watch
@@ -172,6 +173,7 @@ def test_beam_search_same_tokens_as_default_cache_with_shared_blocks(make_model,
     # after the prompt and after each decode step but the last.
     assert len(reorders) == 1 + 8
     assert reorders[0] == (2 + 1, 3 * (2 + 1))  # prompts of 7 and 3 tokens, stored once each
+    assert shared[0] == 2 + 1 and all(n > 0 for n in shared)
     assert all(held < unshared for held, unshared in reorders)
     assert cache.stats()["blocks_peak"] < 3 * sum(-(-n // 4) for n in (7 + 8, 3 + 8))
     cache.allocator.check_invariants()

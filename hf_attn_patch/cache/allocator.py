@@ -100,6 +100,11 @@ class BlockAllocator:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_shared(self) -> int:
+        """Blocks that more than one sequence holds (beams, repeated prompts)."""
+        return sum(1 for holders in self._holders if holders > 1)
+
     def sequences(self) -> list[Hashable]:
         return list(self._tables)
 

@@ -321,7 +321,8 @@ class PagedKVCache(Cache):
         return _ReleaseFinished(self, self._eos_token_id if eos_token_id is None else eos_token_id)
 
     def stats(self) -> dict:
-        """Blocks total / used / free (and the peak since the cache was built), their bytes,
+        """Blocks total / used / free (and the peak since the cache was built, and how many
+        several sequences share), their bytes,
         tokens seen, and the streaming settings with the blocks one sequence can hold at most
         (None without a window)."""
         a = self.allocator
@@ -332,6 +333,7 @@ class PagedKVCache(Cache):
             "blocks_used": a.num_used,
             "blocks_free": a.num_free,
             "blocks_peak": a.peak_blocks_used,
+            "blocks_shared": a.num_shared,
             "bytes_per_block": bytes_per_block,
             "bytes_total": bytes_per_block * a.num_blocks,
             "bytes_used": bytes_per_block * a.num_used,
