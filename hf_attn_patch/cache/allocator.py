@@ -257,17 +257,24 @@ class BlockAllocator:
         a copy of that one's table, length and window state, and shares its blocks; what `seq`
         held before is let go. A source that is not live (released or unknown) ends `seq`. Every
         source is read before anything changes, so sequences may swap. Takes no block and cannot
-        fail; returns the blocks that went back to the pool."""
-        states = {
-            seq: (list(self._tables[source]), self._lengths[source], self._evicted_to.get(source, 0))
-            for seq, source in sources.items() if source in self._tables
-        }
-        for table, _, _ in states.values():
-            for block in table:
+        fail; returns the blocks that went back to the pool.
+
+        Runs before every beam search step: beams share most of their blocks (the prompt's, the
+        common start of their continuations), so only the part of each table that differs from
+        what the sequence held is counted again."""
+        moves = {seq: source for seq, source in sources.items() if seq != source}  # staying put changes nothing
+        states = {seq: (list(self._tables[source]), self._lengths[source], self._evicted_to.get(source, 0))
+                  for seq, source in moves.items() if source in self._tables}
+        kept = {seq: _common_prefix(self._tables.get(seq, ()), table) for seq, (table, _, _) in states.items()}
+        for seq, (table, _, _) in states.items():  # every new holder first: swapped blocks stay held
+            for block in table[kept[seq]:]:
                 if block != EVICTED:
                     self._holders[block] += 1
-        freed = self.release(list(sources))
+        freed = self.release([seq for seq in moves if seq not in states])
         for seq, (table, length, evicted_to) in states.items():
+            for block in self._tables.get(seq, [])[kept[seq]:]:
+                if block != EVICTED:
+                    freed += self._let_go(block)
             self._tables[seq], self._lengths[seq], self._evicted_to[seq] = table, length, evicted_to
         return freed
 
@@ -366,6 +373,19 @@ class BlockAllocator:
             length = self._lengths[seq]
             if len(table) != -(-length // self.block_size):
                 raise AssertionError(f"sequence {seq!r}: {len(table)} table entries for {length} tokens")
+
+
+def _common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two block tables, by halving with slice
+    comparisons (each runs in C; the tables of beams differ only near their ends)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def streaming_blocks(window: int, sinks: int, block_size: int) -> int:
