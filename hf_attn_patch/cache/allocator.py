@@ -139,14 +139,13 @@ class BlockAllocator:
         raises CacheFullError, changing nothing, when the pool cannot hold the step, and
         ValueError when a sequence would pass max_seq_len.
         """
+        sink_blocks = 0
         if window is not None:
             window = checked_int("window", window)
+            sink_blocks = -(-checked_int("sinks", sinks, 0) // self.block_size)
         quick = self._extend_within_blocks(new_tokens, window)
         if quick is not None:
             return quick
-        sink_blocks = 0
-        if window is not None:
-            sink_blocks = -(-checked_int("sinks", sinks, 0) // self.block_size)
         new_tokens = {  # the check (and its message) only for what is not already a plain count
             seq: n if type(n) is int and n >= 0 else checked_int(f"tokens added to sequence {seq!r}", n, 0)
             for seq, n in new_tokens.items()
