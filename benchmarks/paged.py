@@ -442,8 +442,7 @@ def beam_rows(settings: Settings):
             run()  # warm-up: Triton compiles, graphs are captured
             seconds = []
             for _ in range(repeats):
-                with peak_memory(settings.device) as peak:
-                    sync(settings.device)
+                with peak_memory(settings.device) as peak:  # synchronises on entry
                     start = time.perf_counter()
                     out = run()
                     sync(settings.device)

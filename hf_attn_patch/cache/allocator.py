@@ -271,9 +271,7 @@ class BlockAllocator:
                     self._holders[block] += 1
         freed = self.release([seq for seq in moves if seq not in states])
         for seq, (table, length, evicted_to) in states.items():
-            for block in self._tables.get(seq, [])[kept[seq]:]:
-                if block != EVICTED:
-                    freed += self._let_go(block)
+            freed += self._let_go_of(self._tables.get(seq, [])[kept[seq]:])
             self._tables[seq], self._lengths[seq], self._evicted_to[seq] = table, length, evicted_to
         return freed
 
@@ -304,9 +302,7 @@ class BlockAllocator:
             if table is None:  # an unknown sequence, "truncated" to 0 tokens
                 continue
             keep = -(-length // self.block_size)
-            for block in table[keep:]:
-                if block != EVICTED:
-                    freed += self._let_go(block)
+            freed += self._let_go_of(table[keep:])
             del table[keep:]
             self._lengths[seq] = length
             self._evicted_to[seq] = min(self._evicted_to.get(seq, 0), keep)
@@ -320,9 +316,7 @@ class BlockAllocator:
         """
         freed = 0
         for seq in seqs:
-            for block in self._tables.pop(seq, ()):
-                if block != EVICTED:
-                    freed += self._let_go(block)
+            freed += self._let_go_of(self._tables.pop(seq, ()))
             self._lengths.pop(seq, None)
             self._evicted_to.pop(seq, None)
         return freed
@@ -331,6 +325,10 @@ class BlockAllocator:
         block = self._free.pop()
         self._holders[block] = 1
         return block
+
+    def _let_go_of(self, entries) -> int:
+        """`_let_go` for each held entry of a table (or part of one); returns the blocks freed."""
+        return sum(self._let_go(block) for block in entries if block != EVICTED)
 
     def _let_go(self, block: int) -> bool:
         """One holder fewer; the last one gives the block back to the pool (returns True then)."""

@@ -267,10 +267,7 @@ class PagedKVCache(Cache):
         self.allocator.reorder({row: source for row, source in enumerate(sources) if self._active[source]})
         self.allocator.release([row for row, source in enumerate(sources) if not self._active[source]])
         self._active = [self._active[source] for source in sources]
-        index = _host_to_device(sources, torch.int64, self.block_table.device)
-        # In place: a captured decode graph reads these tensors at their addresses.
-        self.block_table[:batch] = self.block_table[:batch].index_select(0, index)
-        self.seq_lens[:batch] = self.seq_lens[:batch].index_select(0, index)
+        self._copy_rows(sources)
 
     def crop(self, max_length: int):
         """Assisted decoding's rollback: forget the last -max_length positions (max_length <= 0),
@@ -613,13 +610,10 @@ class PagedKVCache(Cache):
         self._active = [True] * batch
         self._push_to_device(plans, batch)
         if origin != list(range(batch)):
-            index = _host_to_device(origin, torch.int64, self.block_table.device)
-            self.block_table[:batch] = self.block_table[:batch].index_select(0, index)
+            self._copy_rows(origin)
         # Slot of each real token: its index among the row's real tokens, through the table.
-        index = real.long().cumsum(-1) - 1
-        physical = self.block_table[:batch].long().gather(1, (index.clamp_min(0) // self.block_size))
-        slots = physical * self.block_size + index % self.block_size
-        self._step_slots = torch.where(real & (physical >= 0) & ~repeats[:, None], slots, -1)
+        slots, held = self._slots(real.long().cumsum(-1) - 1, self.block_table[:batch].long())
+        self._step_slots = torch.where(real & held & ~repeats[:, None], slots, -1)
 
     def _begin_decode_step(self, batch):
         if batch != len(self._active):
@@ -685,9 +679,8 @@ class PagedKVCache(Cache):
         lengths = self.seq_lens[:batch].long()[:, None]  # after the step
         table = self.block_table[:batch].long()
         # Each new token's position among its row's tokens, and its slot through the table.
-        position = lengths - real.sum(-1, keepdim=True) + real.long().cumsum(-1) - 1
-        physical = table.gather(1, position.clamp_min(0) // self.block_size)
-        slots = torch.where(real & (physical >= 0), physical * self.block_size + position % self.block_size, -1)
+        slots, held = self._slots(lengths - real.sum(-1, keepdim=True) + real.long().cumsum(-1) - 1, table)
+        slots = torch.where(real & held, slots, -1)
         # The keys the step's queries can see: each row's last `span` positions, the row's end
         # at the right; a window bounds the span.
         longest = max((self.allocator.length(row) for row in plans), default=1)
@@ -696,10 +689,24 @@ class PagedKVCache(Cache):
         if self.sinks:  # every row holds its sinks (_check_chunk): they go first, once
             key_position = torch.cat([torch.arange(self.sinks, device=device).expand(batch, -1),
                                       torch.where(key_position >= self.sinks, key_position, -1)], 1)
-        block = table.gather(1, key_position.clamp_min(0) // self.block_size)
-        visible = (key_position >= 0) & (key_position < lengths) & (block >= 0)
-        gather = torch.where(visible, block * self.block_size + key_position % self.block_size, 0)
-        return _ChunkStep(slots, gather, visible)
+        gather, held = self._slots(key_position, table)
+        visible = held & (key_position < lengths)
+        return _ChunkStep(slots, torch.where(visible, gather, 0), visible)
+
+    def _slots(self, positions, table):
+        """(slot, held): where each position (B, n) of its row's tokens sits in the pool,
+        through the row's block table (B, width); not held where the position is negative or
+        its block was given back."""
+        physical = table.gather(1, positions.clamp_min(0) // self.block_size)
+        return physical * self.block_size + positions % self.block_size, (positions >= 0) & (physical >= 0)
+
+    def _copy_rows(self, sources: list[int]):
+        """Row i of the device block table and lengths becomes row sources[i]'s, in place: a
+        captured decode graph reads these tensors at their addresses."""
+        batch = len(sources)
+        index = _host_to_device(sources, torch.int64, self.block_table.device)
+        self.block_table[:batch] = self.block_table[:batch].index_select(0, index)
+        self.seq_lens[:batch] = self.seq_lens[:batch].index_select(0, index)
 
     def _copy_shared_blocks(self, plans):
         """Before a step writes: each block a row fills while another row shares it (after
