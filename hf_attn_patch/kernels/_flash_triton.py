@@ -750,9 +750,14 @@ def _fwd_inner(
                               MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCS, HAS_SINKS)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION)
+        # Without ALiBi the scores stay unscaled: the row max is scaled once per row (qk_scale > 0
+        # keeps the max where it is) and the exponent's scale and shift are one fused multiply-add,
+        # one floating-point operation per score fewer in the loop that bounds the forward.
+        score_scale = qk_scale
         if HAS_ALIBI:
-            s += slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
+            s = s * qk_scale + slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
+            score_scale = 1.0
         if MASKED:
             visible = _visible(pos, offs_n, k_len, left, right, sinks, HAS_LEFT, HAS_RIGHT, HAS_SINKS)
             s = tl.where(visible, s, float("-inf"))
@@ -763,10 +768,10 @@ def _fwd_inner(
             keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
             s = tl.where(keep[None, :], s, float("-inf"))
             kv_ok = kv_ok & keep[:, None]  # NaN in K is harmless above (the where); in V it is not
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * score_scale)
         # Rows with nothing visible yet keep m = -inf; subtract 0 instead so no NaN appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = tl.math.exp2(s * score_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
