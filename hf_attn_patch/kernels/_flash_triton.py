@@ -678,8 +678,12 @@ def _document_bounds_kernel(Ids, Docs, stride_ib, stride_in, length, BLOCK: tl.c
 # --- forward ------------------------------------------------------------------------------------
 
 
+# The lengths are specialised (Triton compiles a length divisible by 16, and one equal to 1, apart):
+# a multiple of 16 tells it that row offsets like (b * H + h) * q_len are aligned, so dK/dV loads
+# its per-row lse and delta 8 bytes at a time, not 4 (sm_90 SASS: 16 loads an iteration, not 32;
+# benchmarks/kernel_resources.py). At most one more compile per kernel for the other lengths.
 @triton.autotune(configs=_FWD_CONFIGS, key=_FWD_TUNING_KEY, prune_configs_by=_FWD_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["sinks", "Q_BUCKET", "K_BUCKET"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, Mask, Bounds, Slopes, Docs, SinkLogits,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -847,7 +851,7 @@ def _bwd_delta_kernel(
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DKDV_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["sinks", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dkdv_kernel(
     Q, K, V, dOut, dK, dV, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -985,7 +989,7 @@ def _dkdv_inner(
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DQ_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["sinks", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dq_kernel(
     Q, K, V, dOut, dQ, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
