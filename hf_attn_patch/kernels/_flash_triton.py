@@ -409,7 +409,7 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr, ALIGN_EMPTY: tl.constexpr = False):
     """Split the index range [lo, hi) into block-aligned parts: [start, full_start) and
     [full_end, hi) need masking, [full_start, full_end) lies inside [full_lo, full_hi). With lo
     and full_lo both 0, [start, full_start) is always empty."""
@@ -426,9 +426,16 @@ def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
         full_start = start
         full_end = start
     if hi <= lo:
-        start = hi
-        full_start = hi
-        full_end = hi
+        if ALIGN_EMPTY:
+            # Empty at a block boundary: the loops' starts stay multiples of BLOCK, so the
+            # compiler can vectorise the loads their offsets address (dK/dV's lse and delta).
+            full_start = start
+            full_end = start
+            hi = start
+        else:
+            start = hi
+            full_start = hi
+            full_end = hi
     return start, full_start, full_end, hi
 
 
@@ -516,7 +523,7 @@ def _query_ranges(first_key, last_key, q_len, shift, left, right, sinks, Bounds,
     if HAS_PADDING:
         if (last_key < tl.load(Bounds + 2 * b)) | (first_key >= tl.load(Bounds + 2 * b + 1)):
             hi = lo
-    return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M)
+    return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M, True)
 
 
 @triton.jit
