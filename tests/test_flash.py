@@ -225,6 +225,7 @@ BAD_INPUTS = {
     "mask_shape": (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), None, "key_padding_mask"),
     "slopes_shape": (dict(alibi_slopes=torch.ones(3)), None, "alibi_slopes"),
     "window": (dict(window=0), None, "window"),
+    "scale": (dict(scale=-0.25), None, "scale must be a positive"),
     "integer_dtype": (dict(), lambda q, k, v: (q.long(), k.long(), v.long()), "not supported"),
 }
 

@@ -409,7 +409,7 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr, ALIGN_EMPTY: tl.constexpr = False):
     """Split the index range [lo, hi) into block-aligned parts: [start, full_start) and
     [full_end, hi) need masking, [full_start, full_end) lies inside [full_lo, full_hi). With lo
     and full_lo both 0, [start, full_start) is always empty."""
@@ -426,9 +426,16 @@ def _block_ranges(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
         full_start = start
         full_end = start
     if hi <= lo:
-        start = hi
-        full_start = hi
-        full_end = hi
+        if ALIGN_EMPTY:
+            # Empty at a block boundary: the loops' starts stay multiples of BLOCK, so the
+            # compiler can vectorise the loads their offsets address (dK/dV's lse and delta).
+            full_start = start
+            full_end = start
+            hi = start
+        else:
+            start = hi
+            full_start = hi
+            full_end = hi
     return start, full_start, full_end, hi
 
 
@@ -516,7 +523,28 @@ def _query_ranges(first_key, last_key, q_len, shift, left, right, sinks, Bounds,
     if HAS_PADDING:
         if (last_key < tl.load(Bounds + 2 * b)) | (first_key >= tl.load(Bounds + 2 * b + 1)):
             hi = lo
-    return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M)
+    return _block_ranges(lo, hi, full_lo, full_hi, BLOCK_M, True)
+
+
+@triton.jit
+def _key_query_bounds(offs_n, q_len, shift, left, right, sinks, key_first, key_end, HAS_LEFT: tl.constexpr,
+                      HAS_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Per key, the query rows [lo, hi) that see it: the mirror of _row_key_bounds for dK/dV,
+    whose keys stay put for the whole program, so this runs once per program. A sink key
+    (j < sinks) is seen by every later query, whatever the window."""
+    lo = offs_n * 0
+    hi = lo + q_len
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, offs_n - right - shift)
+    if HAS_LEFT:
+        reach = offs_n + left + 1 - shift
+        if HAS_SINKS:
+            reach = tl.where(offs_n < sinks, q_len, reach)
+        hi = tl.minimum(hi, reach)
+    if HAS_DOCS:  # query i sees key j when i lies in j's document (queries == keys here)
+        lo = tl.maximum(lo, key_first)
+        hi = tl.minimum(hi, key_end)
+    return lo, hi
 
 
 @triton.jit
@@ -528,18 +556,36 @@ def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _visible(pos, offs_n, k_len, left, right, sinks, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-             HAS_SINKS: tl.constexpr):
-    """(rows, keys) mask of the pairs the window (and its sinks) and the sequence end allow."""
-    distance = pos[:, None] - offs_n[None, :]
-    visible = (offs_n < k_len)[None, :]
+def _row_key_bounds(pos, k_len, left, right, row_first, row_end, HAS_LEFT: tl.constexpr,
+                    HAS_RIGHT: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Per query row, the keys [lo, hi) its window, causality, document and the sequence end
+    allow (sinks aside). Once per tile: a masked step then compares each key with two bounds
+    instead of recomputing distances and document tests per pair."""
+    lo = pos * 0
+    hi = lo + k_len
     if HAS_LEFT:
-        near = distance <= left
+        lo = pos - left
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, pos + right + 1)
+    if HAS_DOCS:
+        lo = tl.maximum(lo, row_first)
+        hi = tl.minimum(hi, row_end)
+    return lo, hi
+
+
+@triton.jit
+def _visible(lo, hi, offs_n, k_len, sinks, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """(rows, keys) mask of the pairs inside each row's [lo, hi) (from _row_key_bounds); sink keys
+    (j < sinks) are exempt from lo. HAS_LO: whether lo can be above 0; HAS_HI: whether hi can be
+    below k_len (else a per-key test)."""
+    visible = (offs_n < k_len)[None, :]
+    if HAS_HI:
+        visible = offs_n[None, :] < hi[:, None]
+    if HAS_LO:
+        near = offs_n[None, :] >= lo[:, None]
         if HAS_SINKS:
             near = near | (offs_n < sinks)[None, :]
         visible = visible & near
-    if HAS_RIGHT:
-        visible = visible & (distance >= -right)
     return visible
 
 
@@ -639,8 +685,12 @@ def _document_bounds_kernel(Ids, Docs, stride_ib, stride_in, length, BLOCK: tl.c
 # --- forward ------------------------------------------------------------------------------------
 
 
+# The lengths are specialised (Triton compiles a length divisible by 16, and one equal to 1, apart):
+# a multiple of 16 tells it that row offsets like (b * H + h) * q_len are aligned, so dK/dV loads
+# its per-row lse and delta 8 bytes at a time, not 4 (sm_90 SASS: 16 loads an iteration, not 32;
+# benchmarks/kernel_resources.py). At most one more compile per kernel for the other lengths.
 @triton.autotune(configs=_FWD_CONFIGS, key=_FWD_TUNING_KEY, prune_configs_by=_FWD_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["sinks", "Q_BUCKET", "K_BUCKET"])
 def _fwd_kernel(
     Q, K, V, Out, Lse, Mask, Bounds, Slopes, Docs, SinkLogits,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -688,6 +738,7 @@ def _fwd_kernel(
     if HAS_DOCS:
         docs = Docs + b * k_len * 2
     row_first, row_end = _document_of(docs, offs_m, row_ok, HAS_DOCS)
+    row_lo, row_hi = _row_key_bounds(pos, k_len, left, right, row_first, row_end, HAS_LEFT, HAS_RIGHT, HAS_DOCS)
     start, full_start, full_end, end = _key_ranges(
         first_pos, last_pos, k_len, left, right, Bounds, b, docs,
         HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCS, BLOCK_N
@@ -698,7 +749,7 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     args = (q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
             Mask, b * stride_mb, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-            sinks, slope, qk_scale, docs, row_first, row_end)
+            sinks, slope, qk_scale, docs, row_lo, row_hi)
     if HAS_LEFT:
         if HAS_SINKS:
             sink_start, sink_end = _sink_blocks(last_pos, k_len, right, sinks, Bounds, b, start,
@@ -738,7 +789,7 @@ def _fwd_kernel(
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     Mask, mask_offset, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-    sinks, slope, qk_scale, docs, row_first, row_end,
+    sinks, slope, qk_scale, docs, row_lo, row_hi,
     start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -750,23 +801,26 @@ def _fwd_inner(
                               MASKED, HAS_LEFT, HAS_RIGHT, HAS_DOCS, HAS_SINKS)
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)
-        s = _dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), None, DOT_PRECISION)
+        # Without ALiBi the scores stay unscaled: the row max is scaled once per row (qk_scale > 0
+        # keeps the max where it is) and the exponent's scale and shift are one fused multiply-add,
+        # one floating-point operation per score fewer in the loop that bounds the forward.
+        score_scale = qk_scale
         if HAS_ALIBI:
-            s += slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
+            s = s * qk_scale + slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
+            score_scale = 1.0
         if MASKED:
-            visible = _visible(pos, offs_n, k_len, left, right, sinks, HAS_LEFT, HAS_RIGHT, HAS_SINKS)
+            visible = _visible(row_lo, row_hi, offs_n, k_len, sinks, HAS_LEFT or HAS_DOCS, HAS_RIGHT or HAS_DOCS,
+                               HAS_SINKS)
             s = tl.where(visible, s, float("-inf"))
-            if HAS_DOCS:
-                same = (offs_n[None, :] >= row_first[:, None]) & (offs_n[None, :] < row_end[:, None])
-                s = tl.where(same, s, float("-inf"))
         if HAS_PADDING:
             keep = tl.load(Mask + mask_offset + offs_n * stride_mn, mask=offs_n < k_len, other=0) != 0
             s = tl.where(keep[None, :], s, float("-inf"))
             kv_ok = kv_ok & keep[:, None]  # NaN in K is harmless above (the where); in V it is not
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * score_scale)
         # Rows with nothing visible yet keep m = -inf; subtract 0 instead so no NaN appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = tl.math.exp2(s * score_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -804,7 +858,7 @@ def _bwd_delta_kernel(
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DKDV_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["sinks", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dkdv_kernel(
     Q, K, V, dOut, dK, dV, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -857,6 +911,8 @@ def _bwd_dkdv_kernel(
     if HAS_DOCS:
         docs = Docs + b * k_len * 2
     key_first, key_end = _document_of(docs, offs_n, offs_n < k_len, HAS_DOCS)
+    query_lo, query_hi = _key_query_bounds(offs_n, q_len, shift, left, right, sinks, key_first, key_end,
+                                           HAS_LEFT, HAS_RIGHT, HAS_DOCS, HAS_SINKS)
     start, full_start, full_end, end = _query_ranges(
         first_key, last_key, q_len, shift, left, right, sinks, Bounds, b, docs,
         HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCS, HAS_SINKS, BLOCK_M
@@ -873,7 +929,7 @@ def _bwd_dkdv_kernel(
         args = (k, v, Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd,
                 dOut + b * stride_db + h * stride_dh, stride_dm, stride_dd,
                 Lse + row_base, Delta + row_base, keep, offs_n, offs_d, d_ok,
-                shift, q_len, left, right, sinks, slope, qk_scale, key_first, key_end)
+                shift, q_len, slope, qk_scale, query_lo, query_hi)
         dk, dv = _dkdv_inner(dk, dv, *args, start, full_start, BLOCK_M, True,
                              HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_ALIBI, HAS_DOCS, HAS_SINKS, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, *args, full_start, full_end, BLOCK_M, False,
@@ -891,8 +947,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, q_base, stride_qm, stride_qd, do_base, stride_dm, stride_dd,
-    lse_base, delta_base, keep, offs_n, offs_d, d_ok, shift, q_len, left, right, sinks, slope, qk_scale,
-    key_first, key_end,
+    lse_base, delta_base, keep, offs_n, offs_d, d_ok, shift, q_len, slope, qk_scale, query_lo, query_hi,
     start, end, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -923,18 +978,12 @@ def _dkdv_inner(
             s_t += slope * (offs_n[:, None] - pos[None, :]).to(tl.float32)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
-            # _visible works on (queries, keys); the transpose of its mask is the one needed.
-            distance = pos[None, :] - offs_n[:, None]
+            # Per pair only the bounds that can differ by key; else a per-query test.
             visible = row_ok[None, :]
-            if HAS_LEFT:
-                near = distance <= left
-                if HAS_SINKS:
-                    near = near | (offs_n < sinks)[:, None]
-                visible = visible & near
-            if HAS_RIGHT:
-                visible = visible & (distance >= -right)
-            if HAS_DOCS:  # query i sees key j when i lies in j's document
-                visible = visible & (offs_m[None, :] >= key_first[:, None]) & (offs_m[None, :] < key_end[:, None])
+            if HAS_LEFT or HAS_DOCS:
+                visible = offs_m[None, :] < query_hi[:, None]
+            if HAS_RIGHT or HAS_DOCS:
+                visible = visible & (offs_m[None, :] >= query_lo[:, None])
             p_t = tl.where(visible, p_t, 0.0)
         if HAS_PADDING:
             p_t = tl.where(keep[:, None], p_t, 0.0)
@@ -947,7 +996,7 @@ def _dkdv_inner(
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_DQ_PRUNE)
-@triton.jit(do_not_specialize=["q_len", "k_len", "sinks", "Q_BUCKET", "K_BUCKET"])
+@triton.jit(do_not_specialize=["sinks", "Q_BUCKET", "K_BUCKET"])
 def _bwd_dq_kernel(
     Q, K, V, dOut, dQ, Lse, Delta, Mask, Bounds, Slopes, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -998,6 +1047,7 @@ def _bwd_dq_kernel(
     if HAS_DOCS:
         docs = Docs + b * k_len * 2
     row_first, row_end = _document_of(docs, offs_m, row_ok, HAS_DOCS)
+    row_lo, row_hi = _row_key_bounds(pos, k_len, left, right, row_first, row_end, HAS_LEFT, HAS_RIGHT, HAS_DOCS)
     start, full_start, full_end, end = _key_ranges(
         first_pos, last_pos, k_len, left, right, Bounds, b, docs,
         HAS_LEFT, HAS_RIGHT, HAS_PADDING, HAS_DOCS, BLOCK_N
@@ -1007,7 +1057,7 @@ def _bwd_dq_kernel(
     args = (q, do, lse, delta, K + b * stride_kb + kv_h * stride_kh, stride_kn, stride_kd,
             V + b * stride_vb + kv_h * stride_vh, stride_vn, stride_vd,
             Mask, b * stride_mb, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-            sinks, slope, qk_scale, docs, row_first, row_end)
+            sinks, slope, qk_scale, docs, row_lo, row_hi)
     if HAS_LEFT:
         if HAS_SINKS:
             sink_start, sink_end = _sink_blocks(last_pos, k_len, right, sinks, Bounds, b, start,
@@ -1031,7 +1081,7 @@ def _bwd_dq_kernel(
 def _dq_inner(
     dq, q, do, lse, delta, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
     Mask, mask_offset, stride_mn, pos, first_pos, last_pos, offs_d, d_ok, k_len, left, right,
-    sinks, slope, qk_scale, docs, row_first, row_end,
+    sinks, slope, qk_scale, docs, row_lo, row_hi,
     start, end, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -1054,11 +1104,9 @@ def _dq_inner(
             s += slope * (offs_n[None, :] - pos[:, None]).to(tl.float32)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_visible(pos, offs_n, k_len, left, right, sinks, HAS_LEFT, HAS_RIGHT, HAS_SINKS),
-                         p, 0.0)
-            if HAS_DOCS:
-                same = (offs_n[None, :] >= row_first[:, None]) & (offs_n[None, :] < row_end[:, None])
-                p = tl.where(same, p, 0.0)
+            visible = _visible(row_lo, row_hi, offs_n, k_len, sinks, HAS_LEFT or HAS_DOCS, HAS_RIGHT or HAS_DOCS,
+                               HAS_SINKS)
+            p = tl.where(visible, p, 0.0)
         if HAS_PADDING:
             p = tl.where(keep[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), None, DOT_PRECISION)

@@ -41,7 +41,7 @@ def flash_attention(
     causal: key j visible to query i when j <= pos(i).
     window: int W (the W most recent keys, the query's own included) or (left, right).
     key_padding_mask: (B, Nk), true/1 for real keys. alibi_slopes: (Hq,) float32.
-    scale: defaults to D ** -0.5. Returns (B, Hq, Nq, D) in q's dtype; rows that see no key
+    scale: > 0, defaults to D ** -0.5. Returns (B, Hq, Nq, D) in q's dtype; rows that see no key
     are zeros.
     doc_ids: (B, N) integer, packed documents (needs Nq == Nk): each run of equal ids in a row is
     one document, and a query sees keys of its own document only. Key blocks that share no
@@ -61,6 +61,8 @@ def flash_attention(
     if left < 0:
         sinks = 0  # no left bound: every key is visible already
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not 0.0 < scale < float("inf"):  # the forward takes each row's max of unscaled scores
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(torch.float32)
     if sink_logits is not None:
