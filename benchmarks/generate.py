@@ -11,6 +11,9 @@ stock attention implementations against the patched model, in one run.
   `patched-compiled` / `sdpa-compiled` (static cache, torch.compile fullgraph, reduce-overhead,
   i.e. CUDA graphs). For the patched rows: how many Triton kernel variants the warm-up compiled
   and how many more the timed runs compiled (0 means no per-length recompilation).
+  An experiment, on request: `patched-paged-unsplit`, patched-paged with every eager decode
+  step's context in one partition of the paged kernel (no merge launch), to weigh one launch a
+  layer of host time against the GPU parallelism the split buys at batch 1.
 * decode step, same model, batch 1 after a 2048-token prefill, in 3 interleaved rounds: wall
   time of one bare forward (q_len 1, dynamic cache), and from torch.profiler the GPU busy time
   and kernel launches per step.
@@ -54,6 +57,10 @@ PROVIDERS = ("sdpa", "flex_attention", "eager", "patched", "patched-paged", "pat
 # patched-graphs: the same with patch_model(cuda_graphs=True), its decode steps replayed as CUDA graphs.
 PAGED = ("patched-paged", "patched-graphs")
 COMPILED = ("patched-compiled", "sdpa-compiled")
+# patched-paged-unsplit: patched-paged whose eager decode steps never split the context (one
+# launch a layer fewer: the merge), an experiment for issue 12; not in the default run.
+EXPERIMENTS = ("patched-paged-unsplit",)
+PAGED += EXPERIMENTS
 PREFILL_PROVIDERS = ("sdpa", "flex_attention", "patched")  # eager at 16k would form 16k x 16k scores per head
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -132,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     benches = [] if args.no_generate else [bench_generate(sizes, args.providers, device, dtype, args.repeats)]
     if not args.no_decode_profile:
-        benches.append(bench_decode_step(sizes, [p for p in args.providers if p in PROVIDERS], device, dtype))
+        stepped = [p for p in args.providers if p in PROVIDERS + EXPERIMENTS]
+        benches.append(bench_decode_step(sizes, stepped, device, dtype))
     if not args.no_prefill:
         benches.append(bench_prefill(sizes, [p for p in PREFILL_PROVIDERS if p in args.providers], device, dtype,
                                      args.repeats))
@@ -168,9 +176,10 @@ def _row_summary(row: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (CPU with TRITON_INTERPRET=1)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + COMPILED, default=list(PROVIDERS),
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + COMPILED + EXPERIMENTS,
+                        default=list(PROVIDERS),
                         help=f"default {' '.join(PROVIDERS)}; add {' / '.join(COMPILED)} for static cache + "
-                        "torch.compile (reduce-overhead)")
+                        f"torch.compile (reduce-overhead), {' / '.join(EXPERIMENTS)} for the experiment")
     parser.add_argument("--repeats", type=int, help="timed runs after the warm-up, median taken (default 3; 1 with --quick)")
     parser.add_argument("--no-decode-profile", action="store_true", help="skip the bare decode-step rows")
     parser.add_argument("--no-prefill", action="store_true", help="skip the Mistral 16k prefill rows")
@@ -287,9 +296,32 @@ def _generate_call(model, provider: str, workload: Workload, inputs, device):
         if cache is not None:
             cache.reset()
             overrides["past_key_values"] = cache
-        return model.generate(**inputs, **{**settings, **overrides})
+        with call_context(provider):
+            return model.generate(**inputs, **{**settings, **overrides})
 
     return run
+
+
+def call_context(provider: str):
+    """Around each of `provider`'s calls: an experiment changes a module-level choice only while
+    its own calls run, so the providers interleaved with it are untouched."""
+    return unsplit_paged_decode() if provider == "patched-paged-unsplit" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def unsplit_paged_decode():
+    """The paged decode kernel takes each step's context in one partition: no merge launch."""
+    from hf_attn_patch.kernels import _paged_triton
+
+    def one_partition(rows, context_bound, block_n, device):
+        return max(block_n, _paged_triton.next_power_of_2(max(context_bound, 1)))
+
+    chosen = _paged_triton._choose_partition_size
+    _paged_triton._choose_partition_size = one_partition
+    try:
+        yield
+    finally:
+        _paged_triton._choose_partition_size = chosen
 
 
 def paged_cache(model, workload: Workload):
@@ -337,15 +369,17 @@ def bench_decode_step(sizes: Sizes, providers, device, dtype, rounds: int = 3) -
                 cache = None
                 if provider in PAGED:
                     cache = paged_cache(own, Workload(1, prompt, 2 * sizes.decode_steps + 8))
-                decode_steps(own, inputs, 2, device, cache)  # warm-up (and capture)
+                with call_context(provider):
+                    decode_steps(own, inputs, 2, device, cache)  # warm-up (and capture)
                 models[provider], caches[provider], steps[provider] = own, cache, []
             except Exception as exc:
                 row["error"] = error_string(exc)
         for _ in range(rounds):
             for provider in list(models):
                 try:
-                    steps[provider] += decode_steps(models[provider], inputs, sizes.decode_steps, device,
-                                                    caches[provider])
+                    with call_context(provider):
+                        steps[provider] += decode_steps(models[provider], inputs, sizes.decode_steps, device,
+                                                        caches[provider])
                 except Exception as exc:
                     rows[provider]["error"] = error_string(exc)
                     del models[provider]

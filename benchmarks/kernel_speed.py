@@ -15,7 +15,10 @@ table and the issue-2 targets, and draws the plots (`plot.py`).
 
 By default each call is timed as a Python call, host launch time included: a short call (N = 1k)
 can be bound by it. `--cuda-graphs` times the same calls captured in a CUDA graph, for every
-provider alike, so the rows compare the kernels alone (rows say which: `timing`).
+provider alike, so the rows compare the kernels alone (rows say which: `timing`). Each row also
+records the wall time of the provider's first forward and first forward + backward of its shape
+class (`first_fwd_s`, `first_fwd_bwd_s`): compile and autotuning, never in the timings. They
+measure a cold start only in a fresh process with an empty Triton cache (`TRITON_CACHE_DIR`).
 
 FLOPs: a forward is 4 * B * H * pairs * D, pairs = the (query, key) pairs that are visible:
 N^2, N^2 / 2 when causal (the usual convention), and exactly sum_p min(p + 1, W) for a window.
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     print_ceilings(rows)
     print_tables(rows, show_backward=settings.backward, show_forward=args.only != "bwd")
     print_targets(rows)
+    print_first_calls(rows)
     console.print(f"rows appended to {path}  ({time.perf_counter() - settings.started:.0f} s)")
     if not args.no_plot:
         draw_plots(path)
@@ -574,6 +578,23 @@ def print_tables(rows: list[dict], show_forward: bool = True, show_backward: boo
         console.print(table)
         for number, note in enumerate(notes, 1):
             console.print(f"  [{number}] {note}", style="dim", highlight=False, markup=False)
+
+
+def print_first_calls(rows: list[dict]) -> None:
+    """Seconds of each provider's first forward and first forward + backward per shape class:
+    compile and autotuning (from a cold cache, only a fresh process's first run shows it)."""
+    firsts = [r for r in rows if r.get("first_fwd_s") is not None and r.get("pass") == "fwd"]
+    if not firsts:
+        return
+    table = Table(title="first call, s (compile + autotune): fwd / fwd+bwd", title_justify="left")
+    for column in ("provider", "mode", "D", "heads", "N", "seconds"):
+        table.add_column(column, justify="left" if column in ("provider", "mode") else "right")
+    for r in firsts:
+        both = r.get("first_fwd_bwd_s")
+        seconds = f"{r['first_fwd_s']:.1f}" + ("" if both is None else f" / {both:.1f}")
+        table.add_row(r["provider"], Case(r["mode"], r["window"]).label, str(r["D"]), f"{r['H']}/{r['Hkv']}",
+                      str(r["N"]), seconds)
+    console.print(table)
 
 
 def table_cell(rows: list[dict | None], notes: list[str]) -> str:
