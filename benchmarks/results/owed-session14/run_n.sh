@@ -32,6 +32,8 @@ if [ "$MODE" = kernels ]; then
   echo "tests rc=$? at $((SECONDS-s)) s" >> $W/info.txt; tail -16 $W/tests.log
   V=/tmp/t-bounds; rm -rf $V; mkdir -p $V; tar cf - --exclude=.whl --exclude=variants . | tar xf - -C $V
   cp variants/s14-bounds/_flash_triton.py $V/hf_attn_patch/kernels/; cp variants/s14-bounds/test_packed.py $V/tests/
+  (cd $V && PYTHONPATH=/tmp/site:$V python3 -c "from hf_attn_patch.kernels import _flash_triton as f
+print('variant kernels:', f.__file__, 'bounds block', getattr(f, '_BOUNDS_BLOCK', None))") >> $W/info.txt 2>&1
   (cd $V && PYTHONPATH=/tmp/site:$V timeout -s INT 90 python3 -m pytest -q -p no:cacheprovider tests/test_packed.py \
     -k bounds > $W/bounds-tests.log 2>&1); echo "bounds tests rc=$? at $((SECONDS-s)) s" >> $W/info.txt
   for round in 1 2; do
