@@ -149,8 +149,14 @@ def output_with_cache(output_type, logits: torch.Tensor, cache):
     """A model output of `output_type` with these logits and this cache: its field is `cache`
     from 5.24 on (`past_key_values` there is a deprecated alias that logs a warning), and
     `past_key_values` before."""
+    return output_type(logits=logits, **{_cache_field(output_type): cache})
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_field(output_type) -> str:
+    """Looked up once per output class: a graphed decode step builds an output every token."""
     fields = {field.name for field in dataclasses.fields(output_type)}
-    return output_type(logits=logits, **{"cache" if "cache" in fields else "past_key_values": cache})
+    return "cache" if "cache" in fields else "past_key_values"
 
 
 # --- Falcon ----------------------------------------------------------------------------------

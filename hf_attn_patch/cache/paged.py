@@ -583,7 +583,7 @@ class PagedKVCache(Cache):
         repeats = _repeats_previous_row(key, value, real)
         # One sync per prompt, none per decode step: every row's length, which rows repeat the
         # row before, and the largest position transformers gave (see below).
-        summary = [real.sum(-1), repeats.to(torch.int64)]
+        summary = [real.sum(-1), repeats]
         positions, self._prompt_positions = self._prompt_positions, None
         if positions is not None and positions.numel():
             summary.append(positions.max().to(torch.int64).view(1))
